@@ -1,0 +1,28 @@
+"""Exceptions that the CLI turns into a clear message and a non-zero exit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PalrError(Exception):
+    """Base class for user-facing errors (bad input, missing files, incompatible runs)."""
+
+
+class DataError(PalrError):
+    """A data file is malformed; names the file and the line."""
+
+    def __init__(self, path: str | Path, line: int | None, message: str) -> None:
+        self.path = str(path)
+        self.line = line
+        self.message = message
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {message}")
+
+
+class MissingDataError(PalrError):
+    """An expected data file is absent."""
+
+
+class RunError(PalrError):
+    """A run directory is missing, incomplete, or belongs to another data set or version."""

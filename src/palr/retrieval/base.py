@@ -1,0 +1,74 @@
+"""The retriever contract and its registry.
+
+A retriever is fitted on training sequences and scores every item for a batch of histories.
+Top-k selection and history exclusion live in :func:`palr.evaluation.top_k`, the same for every model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from palr.evaluation import top_k
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """fit(train) once; score(histories) -> (B, n_items) float32, higher is better.
+
+    ``score`` must give the same row for a history whether it is scored alone or in a batch.
+    History items are excluded by the caller (``recommend``/evaluation), not by ``score``.
+    """
+
+    name: ClassVar[str]
+
+    def fit(self, train: Sequence[np.ndarray], n_items: int, *, valid: tuple[Sequence[np.ndarray], np.ndarray]
+            | None = None, progress: bool = False) -> "Retriever": ...
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray: ...
+
+    def params(self) -> dict[str, Any]: ...
+
+    def save(self, directory: Path) -> None: ...
+
+    @classmethod
+    def load(cls, directory: Path) -> "Retriever": ...
+
+
+def recommend(retriever: Retriever, histories: Sequence[np.ndarray], k: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k item indices and scores per history, history items excluded, best first."""
+    return top_k(retriever.score(list(histories)), histories, k)
+
+
+# name -> "module:Class"; imported lazily so optional extras stay optional
+REGISTRY: dict[str, str] = {
+    "popularity": "palr.retrieval.popularity:Popularity",
+    "itemknn": "palr.retrieval.itemknn:ItemKNN",
+}
+
+
+def retriever_class(name: str) -> Callable[..., Retriever]:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown retriever {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_retriever(name: str, **params: Any) -> Retriever:
+    """Build a retriever by registry name with its hyper-parameters (unknown ones are an error)."""
+    return retriever_class(name)(**params)
+
+
+def save_params(directory: Path, name: str, params: dict[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "retriever.json").write_text(json.dumps({"name": name, "params": params}, indent=2, sort_keys=True))
+
+
+def load_retriever(directory: Path) -> Retriever:
+    """Load a saved retriever from a directory written by its ``save``."""
+    meta = json.loads((directory / "retriever.json").read_text())
+    return retriever_class(meta["name"]).load(directory)  # type: ignore[attr-defined]

@@ -1,0 +1,113 @@
+"""Retriever runs: fit on the training split, validate, save; evaluate a saved run on test."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from palr.data import Split, load_split
+from palr.data.dataset import Dataset
+from palr.evaluation import DEFAULT_KS, evaluate_retriever
+from palr.retrieval.base import Retriever, load_retriever, make_retriever
+from palr.runs import begin_run, check_dataset, dataset_info, finish_run, read_run, write_atomic, write_json
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def fit_retriever(name: str, split: Split, params: dict[str, Any] | None = None, seed: int = 0,
+                  progress: bool = False) -> tuple[Retriever, float]:
+    """Build and fit a retriever on ``split.train`` (validation only for early stopping)."""
+    seed_everything(seed)
+    model = make_retriever(name, **(params or {}))
+    t0 = time.perf_counter()
+    model.fit(split.train, split.n_items, valid=(split.histories("valid"), split.targets("valid")),
+              progress=progress)
+    return model, time.perf_counter() - t0
+
+
+def write_predictions(path: str | Path, dataset: Dataset, items: np.ndarray, users: Sequence[int] | None = None) -> None:
+    """JSONL, one line a user: {"user": original id, "items": [original ids, best first]} (atomic)."""
+    users = range(len(items)) if users is None else users
+    ids = dataset.catalog.item_ids
+    lines = [json.dumps({"user": dataset.user_ids[u], "items": [ids[i] for i in row]}) for u, row in zip(users, items)]
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
+def write_candidates(path: str | Path, dataset: Dataset, items: np.ndarray, scores: np.ndarray) -> None:
+    ids = dataset.catalog.item_ids
+    lines = [json.dumps({"user": dataset.user_ids[u], "items": [ids[i] for i in row],
+                         "scores": [round(float(s), 6) for s in srow]})
+             for u, (row, srow) in enumerate(zip(items, scores))]
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
+def train_run(dataset: str, retriever: str, out: str | Path, *, params: dict[str, Any] | None = None,
+              seed: int = 0, data_dir: str | Path | None = None, progress: bool = True,
+              ks: Sequence[int] = DEFAULT_KS) -> Path:
+    """Train a retriever and save a run directory (config, weights, validation metrics, log)."""
+    split = load_split(dataset, data_dir)
+    run = begin_run(out)
+    model, fit_s = fit_retriever(retriever, split, params, seed, progress)
+    model.save(run / "model")
+    val = evaluate_retriever(model, split, "valid", ks, progress=progress)
+    metrics = {"valid": val["metrics"], "timings": {"fit_s": round(fit_s, 3), "valid_eval_s": round(val["seconds"], 3)}}
+    log_path = run / "train.log"
+    if not log_path.exists():
+        write_atomic(log_path, f"fit {retriever} in {fit_s:.1f}s; valid {json.dumps(val['metrics'])}\n")
+    finish_run(run, "retriever", split.dataset,
+               {"retriever": retriever, "params": model.params(), "seed": seed, "data_dir": str(data_dir or "")},
+               metrics)
+    return run
+
+
+def load_run(run: str | Path, data_dir: str | Path | None = None) -> tuple[dict[str, Any], Retriever, Split]:
+    """Load a retriever run and the split it was trained on (refused if the data differ)."""
+    cfg = read_run(run, "retriever")
+    split = load_split(cfg["dataset"]["name"], data_dir or cfg["config"].get("data_dir") or None)
+    check_dataset(cfg, split.dataset, run)
+    return cfg, load_retriever(Path(run) / "model"), split
+
+
+def evaluate_models(models: dict[str, Retriever], split: Split, out: str | Path | None = None,
+                    predictions: str | Path | None = None, candidates: int = 0,
+                    candidates_out: str | Path | None = None, ks: Sequence[int] = DEFAULT_KS,
+                    timings: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate fitted retrievers on valid and test; write results.json and the first model's predictions."""
+    results: dict[str, Any] = {}
+    timings = dict(timings or {})
+    for i, (name, model) in enumerate(models.items()):
+        entry: dict[str, Any] = {}
+        for stage in ("valid", "test"):
+            r = evaluate_retriever(model, split, stage, ks, candidates=candidates if stage == "test" else 0,
+                                   predictions=max(max(ks), 10), progress=progress)
+            entry[stage] = r["metrics"]
+            timings[f"{name}.{stage}_eval_s"] = round(r["seconds"], 3)
+            if stage == "test" and i == 0:
+                if predictions:
+                    write_predictions(predictions, split.dataset, r["predictions"])
+                if candidates_out and candidates:
+                    write_candidates(candidates_out, split.dataset, r["candidates"], r["candidate_scores"])
+        results[name] = entry
+    doc = {"protocol": {**split.dataset.protocol, "ks": list(ks), "candidates": candidates or None,
+                        "retrievers_fit_on": "train split only (valid and test items never seen in fit)"},
+           "dataset": dataset_info(split.dataset), "results": results, "timings": timings}
+    if out:
+        write_json(out, doc)
+    return doc
