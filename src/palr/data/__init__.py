@@ -17,7 +17,7 @@ from palr.data.sources import (
 )
 from palr.errors import MissingDataError
 
-__all__ = ["Catalog", "Dataset", "Split", "Stage", "load_dataset", "data_dir", "KNOWN_DATASETS", "load_split"]
+__all__ = ["KNOWN_DATASETS", "Catalog", "Dataset", "Split", "Stage", "data_dir", "load_dataset", "load_split"]
 
 KNOWN_DATASETS = ["ml-100k", "ml-1m", "ml-latest-small", "amazon-<category> (e.g. amazon-beauty)", "csv:PATH"]
 
@@ -34,7 +34,7 @@ def data_dir(flag: str | Path | None = None) -> Path:
 
 def read_raw(name: str, root: Path, *, user_col: str = "user", item_col: str = "item",
              time_col: str | None = "timestamp", items_file: str | Path | None = None) -> RawData:
-    if name.startswith("csv:") or name.startswith("file:"):
+    if name.startswith(("csv:", "file:")):
         path = Path(name.split(":", 1)[1]).expanduser()
         return read_user_file(path, user_col, item_col, time_col, Path(items_file) if items_file else None)
     if name == "ml-100k":

@@ -16,8 +16,8 @@ Stage = Literal["valid", "test"]
 
 def id_sort_key(value: str) -> tuple[int, int, str]:
     """Sort numeric ids numerically and the rest as strings (deterministic, never set order)."""
-    if value.isdigit():
-        return (0, int(value), "")
+    if value.isascii() and value.isdigit():
+        return (0, int(value), value)  # "01" and "1" both exist: the string breaks the tie
     return (1, 0, value)
 
 

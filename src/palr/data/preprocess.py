@@ -52,8 +52,8 @@ def preprocess(raw: RawData, name: str, min_count: int = 5) -> Dataset:
         df["time"] = np.asarray(raw.times, dtype=np.float64)
         df = df.sort_values(["time", "order"], kind="stable")  # chronological, ties in file order
     df = df.drop_duplicates(["user", "item"], keep="first")
-    ucodes, uniq_u = pd.factorize(df["user"].to_numpy(), sort=False)
-    icodes, uniq_i = pd.factorize(df["item"].to_numpy(), sort=False)
+    ucodes, _ = pd.factorize(df["user"].to_numpy(), sort=False)
+    icodes, _ = pd.factorize(df["item"].to_numpy(), sort=False)
     keep = k_core(ucodes, icodes, min_count) if min_count > 1 else np.ones(len(df), bool)
     df = df[keep]
     if df.empty:

@@ -12,10 +12,12 @@ import csv
 import gzip
 import html
 import json
+import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from palr.errors import DataError, MissingDataError
 
@@ -51,11 +53,17 @@ def _require(path: Path, dataset: str) -> Path:
 
 def _lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding=encoding, newline="") as fh:  # type: ignore[operator]
-        for no, line in enumerate(fh, start=1):
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield no, line
+    no = 0
+    try:
+        with opener(path, "rt", encoding=encoding, newline="") as fh:  # type: ignore[operator]
+            for no, line in enumerate(fh, start=1):
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield no, line
+    except UnicodeDecodeError as e:  # the decoder reads ahead, so only "after line N" is known
+        raise DataError(path, None, f"not valid {encoding} text after line {no} ({e.reason})") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise DataError(path, None, f"not a complete gzip file after line {no} ({e})") from None
 
 
 def _int_field(path: Path, no: int, value: str, what: str) -> str:
@@ -67,9 +75,19 @@ def _int_field(path: Path, no: int, value: str, what: str) -> str:
 
 def _float_field(path: Path, no: int, value: str, what: str) -> float:
     try:
-        return float(value)
+        out = float(value)
     except ValueError:
         raise DataError(path, no, f"{what} is not a number: {value!r}") from None
+    if not math.isfinite(out):  # a NaN timestamp would make the time order undefined
+        raise DataError(path, no, f"{what} is not a finite number: {value!r}")
+    return out
+
+
+def _age_field(path: Path, no: int, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DataError(path, no, f"age is not an integer: {value!r}") from None
 
 
 def movie_attributes(title: str, genres: list[str]) -> dict[str, Any]:
@@ -94,11 +112,9 @@ def read_ml100k(root: Path) -> RawData:
     genre_file = root / "u.genre"
     if genre_file.exists():
         for no, line in _lines(genre_file, "latin-1"):
-            name, _, idx = line.partition("|")
-            genre_names.append(name)
+            genre_names.append(line.partition("|")[0])
     else:  # the documented order of u.genre
-        genre_names = ("unknown Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy "
-                       "Film-Noir Horror Musical Mystery Romance Sci-Fi Thriller War Western").split()
+        genre_names = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
     titles, attrs = {}, {}
     for no, line in _lines(item_file, "latin-1"):
         parts = line.split("|")
@@ -115,7 +131,8 @@ def read_ml100k(root: Path) -> RawData:
             parts = line.split("|")
             if len(parts) != 5:
                 raise DataError(user_file, no, f"expected 5 '|'-separated fields, got {len(parts)}")
-            user_attrs[parts[0]] = {"age": int(parts[1]), "gender": parts[2], "occupation": parts[3]}
+            user_attrs[parts[0]] = {"age": _age_field(user_file, no, parts[1]), "gender": parts[2],
+                                     "occupation": parts[3]}
     return RawData(users, items, times, titles, attrs, "movies", [str(data), str(item_file)], user_attrs)
 
 
@@ -145,21 +162,30 @@ def read_ml1m(root: Path) -> RawData:
             parts = line.split("::")
             if len(parts) != 5:
                 raise DataError(users_file, no, f"expected 5 '::'-separated fields, got {len(parts)}")
-            user_attrs[parts[0]] = {"gender": parts[1], "age": int(parts[2]), "occupation": parts[3]}
+            user_attrs[parts[0]] = {"gender": parts[1], "age": _age_field(users_file, no, parts[2]),
+                                     "occupation": parts[3]}
     return RawData(users, items, times, titles, attrs, "movies", [str(ratings), str(movies)], user_attrs)
 
 
-def _csv_rows(path: Path, required: list[str], encoding: str = "utf-8") -> Iterator[tuple[int, dict[str, str]]]:
-    with open(path, encoding=encoding, newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(path, 1, f"missing column(s) {missing}; header is {reader.fieldnames}")
-        for row in reader:
-            no = reader.line_num
-            if None in row or any(row.get(c) is None for c in required):
-                raise DataError(path, no, f"wrong number of fields (header has {len(reader.fieldnames or [])})")
-            yield no, row
+def _csv_rows(path: Path, required: list[str], encoding: str = "utf-8-sig") -> Iterator[tuple[int, dict[str, str]]]:
+    """Rows of a CSV file with their 1-based line number (of the row's last line); utf-8-sig drops a BOM."""
+    reader = None
+    try:
+        with open(path, encoding=encoding, newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(path, 1, f"missing column(s) {missing}; header is {reader.fieldnames}")
+            for row in reader:
+                no = reader.line_num
+                if None in row or any(row.get(c) is None for c in required):
+                    raise DataError(path, no, f"wrong number of fields (header has {len(reader.fieldnames or [])})")
+                yield no, row
+    except UnicodeDecodeError as e:
+        after = reader.line_num if reader is not None else 0
+        raise DataError(path, None, f"not valid {encoding} text after line {after} ({e.reason})") from None
+    except csv.Error as e:
+        raise DataError(path, reader.line_num if reader is not None else None, f"bad CSV: {e}") from None
 
 
 def read_ml_latest(root: Path, name: str = "ml-latest-small") -> RawData:
@@ -246,7 +272,7 @@ def read_amazon_ucsd(root: Path, name: str, category: str) -> RawData:
         for no, line in _lines(meta, "utf-8"):
             try:  # the metadata is Python-literal text: literal_eval, never eval
                 rec = ast.literal_eval(line)
-            except (ValueError, SyntaxError) as e:
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
                 raise DataError(meta, no, f"not a Python literal ({type(e).__name__})") from None
             if not isinstance(rec, dict) or "asin" not in rec:
                 raise DataError(meta, no, "expected a dict with an 'asin' key")
@@ -281,9 +307,13 @@ def read_user_file(path: Path, user_col: str, item_col: str, time_col: str | Non
     items: list[str] = []
     times: list[float] | None = [] if time_col else None
     if path.suffix in (".parquet", ".pq"):
+        import numpy as np
         import pandas as pd
 
-        df = pd.read_parquet(path)
+        try:
+            df = pd.read_parquet(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several unrelated types for a bad file
+            raise DataError(path, None, f"cannot read Parquet ({type(e).__name__}: {e})") from None
         cols = [c for c in (user_col, item_col, time_col) if c]
         missing = [c for c in cols if c not in df.columns]
         if missing:
@@ -295,7 +325,13 @@ def read_user_file(path: Path, user_col: str, item_col: str, time_col: str | Non
         users = df[user_col].astype(str).tolist()
         items = df[item_col].astype(str).tolist()
         if time_col:
-            times = df[time_col].astype(float).tolist()
+            as_float = pd.to_numeric(df[time_col], errors="coerce").astype(float)
+            bad = (~np.isfinite(as_float.to_numpy())).nonzero()[0]
+            if len(bad):
+                r = int(bad[0])
+                raise DataError(path, r + 1, f"row {r + 1}: {time_col} is not a finite number: "
+                                             f"{df[time_col].iloc[r]!r}")
+            times = as_float.tolist()
     else:
         required = [c for c in (user_col, item_col, time_col) if c]
         for no, row in _csv_rows(path, required):
@@ -308,13 +344,16 @@ def read_user_file(path: Path, user_col: str, item_col: str, time_col: str | Non
     if items_file is not None:
         if not items_file.exists():
             raise MissingDataError(f"item file {items_file} does not exist")
-        with open(items_file, encoding="utf-8", newline="") as fh:
+        with open(items_file, encoding="utf-8-sig", newline="") as fh:
             reader = csv.DictReader(fh)
             fields = reader.fieldnames or []
             if not fields:
                 raise DataError(items_file, 1, "empty item file")
             id_col = item_col if item_col in fields else fields[0]
             for row in reader:
+                if None in row or None in row.values():
+                    raise DataError(items_file, reader.line_num,
+                                    f"wrong number of fields (header has {len(fields)})")
                 iid = (row.get(id_col) or "").strip()
                 if not iid:
                     raise DataError(items_file, reader.line_num, f"empty item id in column {id_col!r}")
