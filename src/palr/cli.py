@@ -131,15 +131,22 @@ def evaluate(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help
 
 
 # ---------------------------------------------------------------------------- entry point
+def _print_error(message: str) -> None:
+    """One unwrapped line (paths stay copyable), the message escaped so '[...]' in it is not rich markup."""
+    from rich.markup import escape
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {escape(message)}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()
     except PalrError as e:
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {e}")
+        _print_error(str(e))
         sys.exit(2)
     except KeyError as e:  # unknown registry names and the like
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {e.args[0] if e.args else e}")
+        _print_error(str(e.args[0] if e.args else e))
         sys.exit(2)
 
 
