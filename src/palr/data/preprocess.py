@@ -13,6 +13,7 @@ import pandas as pd
 
 from palr.data.dataset import Catalog, Dataset, id_sort_key
 from palr.data.sources import RawData
+from palr.errors import PalrError
 
 PROTOCOL_VERSION = 1
 
@@ -45,7 +46,7 @@ def k_core(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
 def preprocess(raw: RawData, name: str, min_count: int = 5) -> Dataset:
     """Turn raw interactions into a :class:`Dataset` under the canonical protocol."""
     if not raw.users:
-        raise ValueError(f"data set {name!r} has no interactions")
+        raise PalrError(f"data set {name!r} has no interactions")
     df = pd.DataFrame({"user": raw.users, "item": raw.items})
     df["order"] = np.arange(len(df))
     if raw.times is not None:
@@ -57,7 +58,8 @@ def preprocess(raw: RawData, name: str, min_count: int = 5) -> Dataset:
     keep = k_core(ucodes, icodes, min_count) if min_count > 1 else np.ones(len(df), bool)
     df = df[keep]
     if df.empty:
-        raise ValueError(f"data set {name!r}: nothing survives {min_count}-core filtering")
+        raise PalrError(f"data set {name!r}: nothing survives {min_count}-core filtering "
+                        f"(every user and item needs at least {min_count} interactions)")
     user_ids = sorted(df["user"].unique().tolist(), key=id_sort_key)
     item_ids = sorted(df["item"].unique().tolist(), key=id_sort_key)
     umap = {u: i for i, u in enumerate(user_ids)}
