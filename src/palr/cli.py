@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -39,7 +38,7 @@ def parse_params(pairs: list[str] | None) -> dict[str, object]:
 
 # ---------------------------------------------------------------------------- data
 @data_app.command("stats")
-def data_stats(dataset: str = DatasetOpt, data_dir: Optional[Path] = DataDirOpt,
+def data_stats(dataset: str = DatasetOpt, data_dir: Path | None = DataDirOpt,
                as_json: bool = typer.Option(False, "--json", help="Print a JSON object.")) -> None:
     """Users, items and interactions after the canonical preprocessing."""
     from palr.data import load_dataset
@@ -56,7 +55,7 @@ def data_stats(dataset: str = DatasetOpt, data_dir: Optional[Path] = DataDirOpt,
 
 @data_app.command("download")
 def data_download(name: str = typer.Argument(..., help="ml-100k, ml-1m, ml-latest-small or amazon-<category>"),
-                  data_dir: Optional[Path] = DataDirOpt,
+                  data_dir: Path | None = DataDirOpt,
                   timeout: float = typer.Option(10.0, help="Seconds before giving up on a connection.")) -> None:
     """Download a data set from its original source (GroupLens, UCSD) and check sha256 sums."""
     from palr.data import data_dir as resolve
@@ -73,8 +72,8 @@ def train(dataset: str = DatasetOpt,
           retriever: str = typer.Option("sasrec", "--retriever", "-r", help="popularity, itemknn, sasrec, als, bpr, text"),
           out: Path = typer.Option(..., "--out", "-o", help="Run directory to create."),
           seed: int = typer.Option(0, help="Random seed."),
-          param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="Hyper-parameter key=value (repeatable)."),
-          data_dir: Optional[Path] = DataDirOpt) -> None:
+          param: list[str] | None = typer.Option(None, "--param", "-p", help="Hyper-parameter key=value (repeatable)."),
+          data_dir: Path | None = DataDirOpt) -> None:
     """Train a retriever and save it as a run directory."""
     from palr.retrieval.train import train_run
 
@@ -84,17 +83,17 @@ def train(dataset: str = DatasetOpt,
 
 
 @app.command("evaluate")
-def evaluate(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Data set (with --retriever)."),
-             retriever: Optional[list[str]] = typer.Option(None, "--retriever", "-r", help="Retriever(s) fitted on the train split."),
-             run: Optional[Path] = typer.Option(None, "--run", help="A saved run directory (no retraining)."),
+def evaluate(dataset: str | None = typer.Option(None, "--dataset", "-d", help="Data set (with --retriever)."),
+             retriever: list[str] | None = typer.Option(None, "--retriever", "-r", help="Retriever(s) fitted on the train split."),
+             run: Path | None = typer.Option(None, "--run", help="A saved run directory (no retraining)."),
              out: Path = typer.Option(Path("results.json"), "--out", "-o", help="results.json path."),
-             predictions: Optional[Path] = typer.Option(None, "--predictions", help="Test predictions JSONL."),
-             retriever_predictions: Optional[Path] = typer.Option(None, "--retriever-predictions",
+             predictions: Path | None = typer.Option(None, "--predictions", help="Test predictions JSONL."),
+             retriever_predictions: Path | None = typer.Option(None, "--retriever-predictions",
                                                                    help="(PALR runs) the retriever's own predictions."),
              candidates: int = typer.Option(0, "--candidates", help="Also write each test user's top-N and its recall."),
-             candidates_out: Optional[Path] = typer.Option(None, "--candidates-out", help="Where to write candidates JSONL."),
+             candidates_out: Path | None = typer.Option(None, "--candidates-out", help="Where to write candidates JSONL."),
              seed: int = typer.Option(0, help="Random seed for retrievers fitted here."),
-             data_dir: Optional[Path] = DataDirOpt) -> None:
+             data_dir: Path | None = DataDirOpt) -> None:
     """Full-ranking leave-one-out evaluation on valid and test; writes results.json and predictions."""
     from palr.evaluation import results_table
 

@@ -5,7 +5,8 @@ catalogue with the user's history excluded, recall of candidate lists, results t
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,7 +48,7 @@ def metrics_from_ranks(ranks: np.ndarray, ks: Iterable[int] = DEFAULT_KS) -> dic
         out[f"HR@{k}"] = hit_rate(ranks, k)
         out[f"NDCG@{k}"] = ndcg(ranks, k)
         out[f"MRR@{k}"] = mrr(ranks, k)
-    out["users"] = int(len(ranks))
+    out["users"] = len(ranks)
     return out
 
 

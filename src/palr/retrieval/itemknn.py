@@ -4,8 +4,9 @@ most recent items (more recent items weigh more)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -29,7 +30,7 @@ class ItemKNN:
         return {"neighbours": self.neighbours, "recent": self.recent, "decay": self.decay,
                 "shrink": self.shrink, "sequential": self.sequential}
 
-    def fit(self, train: Sequence[np.ndarray], n_items: int, *, valid: Any = None, progress: bool = False) -> "ItemKNN":
+    def fit(self, train: Sequence[np.ndarray], n_items: int, *, valid: Any = None, progress: bool = False) -> ItemKNN:
         rows = np.concatenate([np.full(len(s), u) for u, s in enumerate(train)])
         cols = np.concatenate([np.asarray(s) for s in train])
         ui = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(train), n_items))
@@ -74,7 +75,7 @@ class ItemKNN:
                    "indptr": s.indptr.astype(np.int64), "pop": self.pop}, str(directory / "weights.safetensors"))
 
     @classmethod
-    def load(cls, directory: Path) -> "ItemKNN":
+    def load(cls, directory: Path) -> ItemKNN:
         params = json.loads((directory / "retriever.json").read_text())["params"]
         model = cls(**params)
         w = load_file(str(directory / "weights.safetensors"))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -20,7 +21,7 @@ class Popularity:
     def params(self) -> dict[str, Any]:
         return {}
 
-    def fit(self, train: Sequence[np.ndarray], n_items: int, *, valid: Any = None, progress: bool = False) -> "Popularity":
+    def fit(self, train: Sequence[np.ndarray], n_items: int, *, valid: Any = None, progress: bool = False) -> Popularity:
         allitems = np.concatenate([np.asarray(s, dtype=np.int64) for s in train]) if len(train) else np.zeros(0, np.int64)
         self.counts = np.bincount(allitems, minlength=n_items).astype(np.float32)
         return self
@@ -35,7 +36,7 @@ class Popularity:
         save_file({"counts": self.counts}, str(directory / "weights.safetensors"))
 
     @classmethod
-    def load(cls, directory: Path) -> "Popularity":
+    def load(cls, directory: Path) -> Popularity:
         model = cls()
         model.counts = load_file(str(directory / "weights.safetensors"))["counts"]
         return model
