@@ -117,3 +117,13 @@ def test_parse_params() -> None:
     assert parse_params(None) == {}
     with pytest.raises(PalrError, match="key=value"):
         parse_params(["lr"])
+
+
+def test_readme_and_ci_share_the_test_command() -> None:
+    root = Path(__file__).resolve().parents[1]
+    readme, ci = (root / "README.md").read_text(), (root / ".ci" / "run").read_text()
+    ci_cmd = next(line.split('"')[1] for line in ci.splitlines() if line.startswith("TEST_CMD="))
+    setup = "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e '.[all]'"
+    assert f"{setup} && {ci_cmd}\n" in readme
+    assert f"{setup} && PALR_DATA_DIR=../shared/data palr demo\n" in readme
+    assert "pip install --quiet torch==2.13.0" in ci and "pip install --quiet -e '.[all]'" in ci
