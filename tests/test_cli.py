@@ -127,3 +127,30 @@ def test_readme_and_ci_share_the_test_command() -> None:
     assert f"{setup} && {ci_cmd}\n" in readme
     assert f"{setup} && PALR_DATA_DIR=../shared/data palr demo\n" in readme
     assert "pip install --quiet torch==2.13.0" in ci and "pip install --quiet -e '.[all]'" in ci
+
+
+def test_csv_column_flags(tmp_path: Path) -> None:
+    # file order differs from time order for u0: with --time-col ts the order follows ts, with '' the file
+    rows = ["uid;iid;ts".replace(";", ",")]
+    rows += [f"u{u},i{(u + k) % 7},{(5 - k) if u == 0 else k}" for u in range(7) for k in range(5)]
+    (tmp_path / "inter.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "items.csv").write_text("iid,title,genres\n" + "".join(f"i{i},Thing {i},A|B\n" for i in range(7)))
+    base = ["--dataset", f"csv:{tmp_path / 'inter.csv'}", "--user-col", "uid", "--item-col", "iid"]
+    runner = CliRunner()
+    res = runner.invoke(app, ["data", "stats", *base, "--time-col", "ts", "--items-file", str(tmp_path / "items.csv"),
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["interactions"] == 35
+    for time_col, first_pred_excludes in (("ts", "i4"), ("", "i0")):
+        preds = tmp_path / f"p{time_col}.jsonl"
+        res = runner.invoke(app, ["evaluate", *base, "--time-col", time_col, "--retriever", "popularity",
+                                  "--out", str(tmp_path / "r.json"), "--predictions", str(preds)])
+        assert res.exit_code == 0, res.output
+        doc = json.loads((tmp_path / "r.json").read_text())
+        assert ("timestamp" in doc["protocol"]["order"]) == bool(time_col)
+        # u0's test target is the last item in time order (i0 by ts, i4 in file order); with 7 items and a
+        # 4-item history the remaining 3 items are predicted, never the history
+        first = json.loads(preds.read_text().splitlines()[0])
+        assert first["user"] == "u0" and first_pred_excludes not in first["items"]
+    res = runner.invoke(app, ["data", "stats", *base[:2], "--json"])
+    assert res.exit_code != 0 and "missing column" in str(res.exception)

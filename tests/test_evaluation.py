@@ -119,8 +119,8 @@ def test_evaluate_retriever_constant_model_on_synthetic(synth_split: Split) -> N
 # ---------------------------------------------------------------------------- top-k
 def _reference_top_k(row: np.ndarray, history: np.ndarray, k: int) -> list[int]:
     s = np.where(np.isnan(row), -np.inf, row).astype(np.float64)
-    s[history] = -np.inf
-    return sorted(range(len(s)), key=lambda i: (-s[i], i))[:k]
+    hist = set(history.tolist())
+    return sorted(range(len(s)), key=lambda i: (i in hist, -s[i], i))[:k]
 
 
 def test_top_k_ties_by_index_history_excluded_best_first() -> None:
@@ -128,6 +128,16 @@ def test_top_k_ties_by_index_history_excluded_best_first() -> None:
     idx, vals = top_k(scores, [np.array([1])], 3)
     assert idx.tolist() == [[2, 4, 3]]
     assert vals.tolist() == [[5.0, 5.0, 3.0]]
+
+
+def test_top_k_never_picks_history_over_nan_or_minus_inf() -> None:
+    scores = np.array([[-np.inf, np.nan, 5.0, np.nan, 1.0]])
+    idx, vals = top_k(scores, [np.array([0, 4])], 3)
+    assert idx.tolist() == [[2, 1, 3]]
+    assert vals[0, 0] == 5.0 and np.all(np.isneginf(vals[0, 1:]))
+    # asked for more than the non-history items: history items come last
+    idx, _ = top_k(scores, [np.array([0, 4])], 5)
+    assert idx.tolist() == [[2, 1, 3, 0, 4]]
 
 
 def test_top_k_exact_on_real_size_arrays_with_many_ties() -> None:
@@ -219,6 +229,23 @@ def test_palr_evaluate_end_to_end(tmp_path: Path) -> None:
     assert seen == set(dataset.user_ids)
     # the same seed gives byte-identical prediction files
     assert outputs[0][1].read_bytes() == outputs[1][1].read_bytes()
+
+
+def test_lists_never_hold_history_on_a_tiny_catalogue(synth_split: Split) -> None:
+    """With 20 predictions asked and a history that leaves fewer items, the lists are cut, never padded with
+    history items."""
+    from palr.data.preprocess import preprocess
+    from palr.data.sources import RawData
+
+    rows = [(f"u{u}", f"i{(u + k) % 8}", k) for u in range(8) for k in range(6)]
+    raw = RawData([r[0] for r in rows], [r[1] for r in rows], [float(r[2]) for r in rows], {}, {}, "items")
+    split = Split.leave_one_out(preprocess(raw, "tiny"))
+    model = make_retriever("popularity").fit(split.train, split.n_items)
+    r = evaluate_retriever(model, split, "test", ks=(10,), candidates=20, predictions=20)
+    assert r["predictions"].shape == (8, 3) and r["candidates"].shape == (8, 3)
+    for row, h in zip(r["predictions"], split.histories("test"), strict=True):
+        assert not set(row.tolist()) & set(h.tolist())
+    assert r["metrics"]["Recall@20"] == 1.0
 
 
 def test_palr_evaluate_itemknn_predictions_reproducible(tmp_path: Path) -> None:

@@ -20,6 +20,15 @@ console = Console()
 
 DatasetOpt = typer.Option(..., "--dataset", "-d", help="ml-100k, ml-1m, ml-latest-small, amazon-<category>, csv:PATH")
 DataDirOpt = typer.Option(None, "--data-dir", help="Data directory (default: $PALR_DATA_DIR, else ~/.cache/palr/data)")
+# csv:PATH data sets (CSV or Parquet): which columns hold what, and an optional item file
+UserColOpt = typer.Option("user", "--user-col", help="csv:PATH: the user id column.")
+ItemColOpt = typer.Option("item", "--item-col", help="csv:PATH: the item id column.")
+TimeColOpt = typer.Option("timestamp", "--time-col", help="csv:PATH: the timestamp column ('' = the file is in order).")
+ItemsFileOpt = typer.Option(None, "--items-file", help="csv:PATH: item CSV (id, title, attribute columns).")
+
+
+def user_file_options(user_col: str, item_col: str, time_col: str, items_file: Path | None) -> dict[str, object]:
+    return {"user_col": user_col, "item_col": item_col, "time_col": time_col or None, "items_file": items_file}
 
 
 def parse_params(pairs: list[str] | None) -> dict[str, object]:
@@ -39,11 +48,13 @@ def parse_params(pairs: list[str] | None) -> dict[str, object]:
 # ---------------------------------------------------------------------------- data
 @data_app.command("stats")
 def data_stats(dataset: str = DatasetOpt, data_dir: Path | None = DataDirOpt,
-               as_json: bool = typer.Option(False, "--json", help="Print a JSON object.")) -> None:
+               as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
+               user_col: str = UserColOpt, item_col: str = ItemColOpt, time_col: str = TimeColOpt,
+               items_file: Path | None = ItemsFileOpt) -> None:
     """Users, items and interactions after the canonical preprocessing."""
     from palr.data import load_dataset
 
-    stats = load_dataset(dataset, data_dir).stats()
+    stats = load_dataset(dataset, data_dir, **user_file_options(user_col, item_col, time_col, items_file)).stats()
     if as_json:
         print(json.dumps(stats, indent=2))
         return
@@ -93,7 +104,9 @@ def evaluate(dataset: str | None = typer.Option(None, "--dataset", "-d", help="D
              candidates: int = typer.Option(0, "--candidates", help="Also write each test user's top-N and its recall."),
              candidates_out: Path | None = typer.Option(None, "--candidates-out", help="Where to write candidates JSONL."),
              seed: int = typer.Option(0, help="Random seed for retrievers fitted here."),
-             data_dir: Path | None = DataDirOpt) -> None:
+             data_dir: Path | None = DataDirOpt,
+             user_col: str = UserColOpt, item_col: str = ItemColOpt, time_col: str = TimeColOpt,
+             items_file: Path | None = ItemsFileOpt) -> None:
     """Full-ranking leave-one-out evaluation on valid and test; writes results.json and predictions."""
     from palr.evaluation import results_table
 
@@ -118,7 +131,7 @@ def evaluate(dataset: str | None = typer.Option(None, "--dataset", "-d", help="D
         from palr.data import load_split
         from palr.retrieval.train import evaluate_models, fit_retriever
 
-        split = load_split(dataset, data_dir)
+        split = load_split(dataset, data_dir, **user_file_options(user_col, item_col, time_col, items_file))
         models, timings = {}, {}
         for name in retriever:
             models[name], fit_s = fit_retriever(name, split, seed=seed, progress=True)

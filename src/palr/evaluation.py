@@ -4,6 +4,7 @@ catalogue with the user's history excluded, recall of candidate lists, results t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from palr.retrieval.base import Retriever
 
 DEFAULT_KS = (5, 10, 20)
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- metrics (pure)
@@ -80,24 +82,26 @@ def history_mask(histories: Sequence[np.ndarray], n_items: int) -> np.ndarray:
 def top_k(scores: np.ndarray, histories: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Best k items per row, history excluded; ties broken by item index (deterministic).
 
+    Order: non-history items before history items, then score descending (NaN = -inf), then item index.
+    History items appear (with score -inf) only when a row has fewer than k other items.
     Returns (indices (B, k) int64, scores (B, k) float32), best first.
     """
-    s = np.array(scores, dtype=np.float64, copy=True)
+    s = np.array(scores, dtype=np.float64, copy=True)  # (B, N)
     s[np.isnan(s)] = -np.inf
-    for b, h in enumerate(histories):
-        s[b, h] = -np.inf
+    excl = history_mask(histories, s.shape[1])  # (B, N)
+    s[excl] = -np.inf
     k = min(k, s.shape[1])
-    part = np.argpartition(-s, kth=k - 1, axis=1)[:, :k]
-    # order the k by score desc, then item index asc (lexsort uses the last key first)
+    part = np.argpartition(-s, kth=k - 1, axis=1)[:, :k]  # (B, k), unordered
+    # order the k: non-history first, then score desc, then item index asc (lexsort uses the last key first)
     ps = np.take_along_axis(s, part, axis=1)
-    order = np.lexsort((part, -ps), axis=1)
+    order = np.lexsort((part, -ps, np.take_along_axis(excl, part, axis=1)), axis=1)
     idx = np.take_along_axis(part, order, axis=1)
-    # argpartition may cut through a tie at the k-th place; make the selection exact by index too
-    kth = np.take_along_axis(s, idx[:, -1:], axis=1)
-    for b in np.flatnonzero((s > kth).sum(axis=1) + (s == kth).sum(axis=1) > k):
-        row = s[b]
-        cand = np.lexsort((np.arange(len(row)), -row))[:k]
-        idx[b] = cand
+    # argpartition may cut through a tie at the k-th score (-inf included, where history items sit):
+    # redo those rows exactly, sorting only the items that score >= the k-th score
+    kth = np.take_along_axis(s, idx[:, -1:], axis=1)  # (B, 1)
+    for b in np.flatnonzero((s >= kth).sum(axis=1) > k):
+        cand = np.flatnonzero(s[b] >= kth[b, 0])
+        idx[b] = cand[np.lexsort((cand, -s[b, cand], excl[b, cand]))[:k]]
     return idx.astype(np.int64), np.take_along_axis(s, idx, axis=1).astype(np.float32)
 
 
@@ -128,7 +132,12 @@ def evaluate_retriever(retriever: Retriever, split: Split, stage: Stage, ks: Seq
     histories = split.histories(stage)
     targets = split.targets(stage)
     ranks = np.empty(len(targets), dtype=np.int64)
-    keep = max(candidates, predictions)
+    # lists hold no history item, so they can be no longer than the items left beside the longest history
+    available = split.n_items - max((len(np.unique(h)) for h in histories), default=0)
+    keep = min(max(candidates, predictions), max(available, 0))
+    if keep < max(candidates, predictions):
+        log.warning("%s: lists cut to %d items: a user's history leaves only %d of %d items",
+                    stage, keep, available, split.n_items)
     top = np.empty((len(targets), keep), dtype=np.int64) if keep else None
     top_scores = np.empty((len(targets), keep), dtype=np.float32) if keep else None
     t0 = time.perf_counter()
