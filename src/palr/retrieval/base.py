@@ -48,6 +48,10 @@ def recommend(retriever: Retriever, histories: Sequence[np.ndarray], k: int = 50
 REGISTRY: dict[str, str] = {
     "popularity": "palr.retrieval.popularity:Popularity",
     "itemknn": "palr.retrieval.itemknn:ItemKNN",
+    "sasrec": "palr.retrieval.sasrec:SASRec",
+    "als": "palr.retrieval.mf:ALS",
+    "bpr": "palr.retrieval.mf:BPR",
+    "text": "palr.retrieval.text:TextRetriever",
 }
 
 

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import random
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+# OpenMP threads that busy-wait make torch crawl on a small shared CPU; must be set before torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from palr.data import Split, load_split
-from palr.data.dataset import Dataset
-from palr.evaluation import DEFAULT_KS, evaluate_retriever
-from palr.retrieval.base import Retriever, load_retriever, make_retriever
+from palr.data.dataset import Dataset, Stage
+from palr.evaluation import DEFAULT_KS, evaluate_retriever, score_batches, top_k
+from palr.retrieval.base import Retriever, load_retriever, make_retriever, retriever_class
 from palr.runs import begin_run, check_dataset, dataset_info, finish_run, read_run, write_atomic, write_json
 
 log = logging.getLogger(__name__)
@@ -35,11 +41,51 @@ def fit_retriever(name: str, split: Split, params: dict[str, Any] | None = None,
                   progress: bool = False) -> tuple[Retriever, float]:
     """Build and fit a retriever on ``split.train`` (validation only for early stopping)."""
     seed_everything(seed)
-    model = make_retriever(name, **(params or {}))
+    params = dict(params or {})
+    cls = retriever_class(name)
+    if "seed" in getattr(cls, "defaults", {}):
+        params.setdefault("seed", seed)  # the run's seed seeds the model too; an explicit --param seed=N is kept
+    model = make_retriever(name, **params)
+    extra: dict[str, Any] = {"catalog": split.dataset.catalog} if getattr(cls, "needs_catalog", False) else {}
     t0 = time.perf_counter()
     model.fit(split.train, split.n_items, valid=(split.histories("valid"), split.targets("valid")),
-              progress=progress)
+              progress=progress, **extra)
     return model, time.perf_counter() - t0
+
+
+def candidates_for(model: Retriever, split: Split, stage: Stage, k: int = 50,
+                   batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` candidates for every user's ``stage`` target, the history before it excluded.
+
+    Returns (items (U, k) int64 dense item indices, scores (U, k) float32), best first, ties broken by
+    item index; row u is user u of ``split`` (the target itself is never excluded).
+    """
+    histories = split.histories(stage)
+    k = min(k, split.n_items)
+    items = np.empty((len(histories), k), dtype=np.int64)
+    scores = np.empty((len(histories), k), dtype=np.float32)
+    for sl, s in score_batches(model, histories, batch_size):
+        items[sl], scores[sl] = top_k(s, histories[sl], k)
+    return items, scores
+
+
+@contextlib.contextmanager
+def log_to(path: Path) -> Iterator[None]:
+    """Copy the ``palr`` loggers' INFO records into ``path`` for the duration (the run's train.log)."""
+    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("palr")
+    old = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+        handler.close()
 
 
 def write_predictions(path: str | Path, dataset: Dataset, items: np.ndarray, users: Sequence[int] | None = None) -> None:
@@ -64,13 +110,17 @@ def train_run(dataset: str, retriever: str, out: str | Path, *, params: dict[str
     """Train a retriever and save a run directory (config, weights, validation metrics, log)."""
     split = load_split(dataset, data_dir)
     run = begin_run(out)
-    model, fit_s = fit_retriever(retriever, split, params, seed, progress)
-    model.save(run / "model")
-    val = evaluate_retriever(model, split, "valid", ks, progress=progress)
+    with log_to(run / "train.log"):
+        log.info("train %s on %s (%d users, %d items), seed %d, params %s", retriever, split.dataset.name,
+                 split.dataset.n_users, split.n_items, seed, json.dumps(params or {}, sort_keys=True))
+        model, fit_s = fit_retriever(retriever, split, params, seed, progress)
+        model.save(run / "model")
+        val = evaluate_retriever(model, split, "valid", ks, progress=progress)
+        log.info("fit %s in %.1fs; valid %s", retriever, fit_s, json.dumps(val["metrics"]))
     metrics = {"valid": val["metrics"], "timings": {"fit_s": round(fit_s, 3), "valid_eval_s": round(val["seconds"], 3)}}
-    log_path = run / "train.log"
-    if not log_path.exists():
-        write_atomic(log_path, f"fit {retriever} in {fit_s:.1f}s; valid {json.dumps(val['metrics'])}\n")
+    history = getattr(model, "history", None)
+    if history:
+        metrics["history"] = history
     finish_run(run, "retriever", split.dataset,
                {"retriever": retriever, "params": model.params(), "seed": seed, "data_dir": str(data_dir or "")},
                metrics)
