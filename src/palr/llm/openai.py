@@ -1,0 +1,220 @@
+"""The ``openai`` backend: any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp, palr's own server).
+
+Requests go through ``httpx`` with a timeout, retries with exponential back-off (timeouts, connection errors,
+429/5xx and malformed answers), and a thread pool bounding concurrent requests. After the last retry a
+:class:`PalrError` says what went wrong. Nothing is sent until a method is called.
+
+``score_choices`` asks for the first answer token's ``top_logprobs`` and reads each label there (labels should be
+single tokens; the exact token text wins, else the stripped text). Labels missing from the top-k get ``-inf``. When the server returns no
+log-probabilities, the backend generates a short answer and parses the first label in it: that label gets 0,
+the others ``-inf``; ``self.last_scoring`` then reads ``"parsed"`` instead of ``"logprobs"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from palr.errors import PalrError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OpenAILLM", "normalize_base_url"]
+
+_RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+class _Malformed(Exception):
+    """The server answered 200 with a body that is not the protocol."""
+
+
+def normalize_base_url(url: str) -> str:
+    """Add ``http://`` when the scheme is missing and ``/v1`` when there is no path; drop a trailing slash."""
+    url = url.strip()
+    if "://" not in url:
+        url = "http://" + url
+    parsed = urlparse(url)
+    if parsed.path in ("", "/"):
+        url = url.rstrip("/") + "/v1"
+    return url.rstrip("/")
+
+
+class OpenAILLM:
+    """An OpenAI-compatible endpoint behind the :class:`palr.llm.base.LLM` protocol.
+
+    Args:
+        model: the server's model name.
+        base_url: e.g. ``http://localhost:8000/v1`` (see :func:`normalize_base_url`).
+        api_key: defaults to ``$OPENAI_API_KEY``; no Authorization header when neither is set.
+        api: "completions" (``/completions``, raw prompts) or "chat" (``/chat/completions``, one user message).
+        timeout: seconds per request; max_retries: extra attempts; backoff: first wait, doubled per retry.
+        concurrency: requests in flight at once; top_logprobs: k asked for when scoring.
+    """
+
+    def __init__(self, model: str, base_url: str, *, api_key: str | None = None, api: str = "completions",
+                 timeout: float = 60.0, max_retries: int = 3, backoff: float = 0.5, concurrency: int = 4,
+                 top_logprobs: int = 20) -> None:
+        if api not in ("completions", "chat"):
+            raise PalrError(f"api must be 'completions' or 'chat', not {api!r}")
+        self.model = model
+        self.base_url = normalize_base_url(base_url)
+        self.api = api
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.timeout = float(timeout)
+        self.max_retries = max(0, int(max_retries))
+        self.backoff = float(backoff)
+        self.concurrency = max(1, int(concurrency))
+        self.top_logprobs = int(top_logprobs)
+        self.name = f"openai:{model}@{self.base_url}"
+        self.last_scoring = "none"
+        self._client: Any = None
+
+    # ------------------------------------------------------------------------ transport
+    def _http(self) -> Any:
+        if self._client is None:
+            import httpx
+
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            self._client = httpx.Client(base_url=self.base_url, timeout=self.timeout, headers=headers,
+                                        limits=httpx.Limits(max_connections=self.concurrency))
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _post(self, path: str, body: dict[str, Any], parse: Any) -> Any:
+        """POST with retries; ``parse(json)`` may raise _Malformed/KeyError/TypeError to trigger a retry."""
+        import httpx
+
+        last = "no attempt"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                resp = self._http().post(path, json=body)
+            except httpx.TimeoutException:
+                last = f"timed out after {self.timeout:g} s"
+            except httpx.TransportError as e:
+                last = f"connection failed ({type(e).__name__}: {e})"
+            else:
+                if resp.status_code in _RETRY_STATUS:
+                    last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                elif resp.status_code >= 400:
+                    raise PalrError(f"{self.base_url}{path} refused the request: HTTP {resp.status_code}: "
+                                    f"{resp.text[:300]}")
+                else:
+                    try:
+                        return parse(resp.json())
+                    except (ValueError, KeyError, IndexError, TypeError, _Malformed) as e:
+                        last = f"malformed answer ({type(e).__name__}: {e}): {resp.text[:200]!r}"
+            log.warning("%s%s attempt %d/%d: %s", self.base_url, path, attempt + 1, self.max_retries + 1, last)
+        raise PalrError(f"LLM server {self.base_url}{path} failed after {self.max_retries + 1} attempts: {last}")
+
+    def _map(self, fn: Any, items: list[Any]) -> list[Any]:
+        if len(items) <= 1 or self.concurrency == 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(fn, items))
+
+    # ------------------------------------------------------------------------ requests
+    def _request(self, prompt: str, max_tokens: int, temperature: float, stop: list[str] | None,
+                 logprobs: int | None, extra: dict[str, Any]) -> tuple[str, list[dict[str, float]] | None]:
+        """(text, top-logprob dicts per token or None)."""
+        body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature}
+        if stop:
+            body["stop"] = stop
+        if self.api == "completions":
+            body["prompt"] = prompt
+            if logprobs:
+                body["logprobs"] = logprobs
+            body.update(extra)
+            return self._post("/completions", body, _parse_completion)
+        body["messages"] = [{"role": "user", "content": prompt}]
+        if logprobs:
+            body.update(logprobs=True, top_logprobs=logprobs)
+        body.update(extra)
+        return self._post("/chat/completions", body, _parse_chat)
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                 stop: list[str] | None = None, **kw: Any) -> list[str]:
+        """One request per prompt (``concurrency`` in flight); extra keywords are sent in the request body."""
+        return [text for text, _ in self._map(
+            lambda p: self._request(p, max_new_tokens, temperature, stop, None, kw), prompts)]
+
+    def score_choices(self, prompts: list[str], labels: list[str]) -> np.ndarray:
+        """(B, L) log-probabilities of each label as the first answer token (see the module docstring)."""
+        out = np.full((len(prompts), len(labels)), -np.inf, dtype=np.float32)
+        if not labels:
+            return out
+        keys = [label.strip() for label in labels]
+        answers = self._map(lambda p: self._request(p, 1, 0.0, None, self.top_logprobs, {}), prompts)
+        modes = set()
+        need_parse = []
+        for b, (_, tops) in enumerate(answers):
+            if not tops:
+                need_parse.append(b)
+                continue
+            modes.add("logprobs")
+            top = tops[0]
+            for j, label in enumerate(labels):
+                if label in top:  # exact token text first; " A" and "A" may both be tokens
+                    out[b, j] = top[label]
+                else:
+                    out[b, j] = max((lp for tok, lp in top.items() if tok.strip() == keys[j]), default=-np.inf)
+        if need_parse:
+            modes.add("parsed")
+            longest = max(len(k) for k in keys)
+            texts = self.generate([prompts[b] for b in need_parse], max_new_tokens=max(4, longest + 2))
+            for b, text in zip(need_parse, texts):
+                j = _first_label(text, keys)
+                if j is not None:
+                    out[b, j] = 0.0
+        self.last_scoring = "mixed" if len(modes) > 1 else (modes.pop() if modes else "none")
+        return out
+
+
+def _first_label(text: str, keys: list[str]) -> int | None:
+    """Index of the label that the answer text names first (whole-word match, longest label wins a tie)."""
+    best: tuple[int, int, int] | None = None
+    for j, k in enumerate(keys):
+        if not k:
+            continue
+        m = re.search(r"(?<![\w<])" + re.escape(k) + r"(?![\w>])", text)
+        if m and (best is None or (m.start(), -len(k)) < (best[0], best[1])):
+            best = (m.start(), -len(k), j)
+    return None if best is None else best[2]
+
+
+def _parse_completion(data: dict[str, Any]) -> tuple[str, list[dict[str, float]] | None]:
+    choice = data["choices"][0]
+    text = choice["text"]
+    if not isinstance(text, str):
+        raise _Malformed("choices[0].text is not a string")
+    lp = choice.get("logprobs") or {}
+    tops = lp.get("top_logprobs") if isinstance(lp, dict) else None
+    if tops is not None and not all(isinstance(t, dict) for t in tops):
+        raise _Malformed("logprobs.top_logprobs is not a list of objects")
+    return text, ([{str(k): float(v) for k, v in t.items()} for t in tops] if tops else None)
+
+
+def _parse_chat(data: dict[str, Any]) -> tuple[str, list[dict[str, float]] | None]:
+    choice = data["choices"][0]
+    text = choice["message"]["content"]
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        raise _Malformed("choices[0].message.content is not a string")
+    content = (choice.get("logprobs") or {}).get("content")
+    if not content:
+        return text, None
+    return text, [{str(t["token"]): float(t["logprob"]) for t in step.get("top_logprobs") or [step]}
+                  for step in content]

@@ -1,0 +1,180 @@
+"""A small OpenAI-compatible server for any palr LLM (``/v1/completions``, ``/v1/chat/completions``).
+
+The app is thin: the model is loaded once in the ``lifespan`` handler and the HTTP layer only translates
+requests. ``logprobs`` (completions) and ``logprobs``/``top_logprobs`` (chat) are served when the backend has
+``generate_with_logprobs`` (the ``hf``/``mini`` backends). ``delay_s`` and ``fault="malformed"`` exist for
+tests of client timeouts and garbage answers. Run it with ``python -m palr.llm.server SPEC --port 8000``.
+"""
+
+# No `from __future__ import annotations`: FastAPI must resolve the request models defined in create_app.
+import argparse
+import asyncio
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from palr.llm.base import LLM, load_llm
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BackgroundServer", "create_app", "free_port"]
+
+
+def _schemas() -> tuple[type, type]:
+    from pydantic import BaseModel
+
+    class CompletionRequest(BaseModel):
+        model: str = "palr"
+        prompt: str | list[str]
+        max_tokens: int = 16
+        temperature: float = 0.0
+        stop: str | list[str] | None = None
+        logprobs: int | None = None
+
+    class ChatRequest(BaseModel):
+        model: str = "palr"
+        messages: list[dict[str, Any]]
+        max_tokens: int | None = 64
+        temperature: float = 0.0
+        stop: str | list[str] | None = None
+        logprobs: bool = False
+        top_logprobs: int | None = None
+
+    return CompletionRequest, ChatRequest
+
+
+def _stops(stop: str | list[str] | None) -> list[str] | None:
+    return [stop] if isinstance(stop, str) else stop
+
+
+def _run(llm: LLM, prompts: list[str], max_tokens: int, temperature: float, stop: list[str] | None,
+         top_k: int | None) -> tuple[list[str], list[list[dict[str, Any]]] | None]:
+    if top_k is not None and hasattr(llm, "generate_with_logprobs"):
+        return llm.generate_with_logprobs(prompts, max_tokens, temperature, stop, top_k=top_k)  # type: ignore
+    return llm.generate(prompts, max_new_tokens=max_tokens, temperature=temperature, stop=stop), None
+
+
+def create_app(llm: str | LLM | Callable[[], LLM], *, model_name: str = "palr", delay_s: float = 0.0,
+               fault: str | None = None, **llm_options: Any) -> Any:
+    """A FastAPI app serving ``llm`` (a spec for :func:`load_llm`, an LLM, or a factory), loaded at startup."""
+    from fastapi import FastAPI
+
+    CompletionRequest, ChatRequest = _schemas()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        if isinstance(llm, str):
+            app.state.llm = load_llm(llm, **llm_options)
+        elif callable(llm) and not hasattr(llm, "generate"):
+            app.state.llm = llm()
+        else:
+            app.state.llm = llm
+        app.state.lock = asyncio.Lock()  # one generation at a time: torch models are not re-entrant
+        log.info("serving %s as %r", getattr(app.state.llm, "name", "llm"), model_name)
+        yield
+
+    app = FastAPI(title="palr LLM server", lifespan=lifespan)
+
+    async def _call(*args: Any) -> Any:
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        async with app.state.lock:
+            return await asyncio.to_thread(_run, app.state.llm, *args)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "palr"}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Any:  # type: ignore[valid-type]
+        if fault == "malformed":
+            return {"choices": [{"unexpected": True}]}
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        texts, details = await _call(prompts, req.max_tokens, req.temperature, _stops(req.stop), req.logprobs)
+        choices = []
+        for k, text in enumerate(texts):
+            lp = None
+            if details is not None:
+                steps = details[k]
+                lp = {"tokens": [s["token"] for s in steps], "token_logprobs": [s["logprob"] for s in steps],
+                      "top_logprobs": [dict(s["top"]) for s in steps]}
+            choices.append({"index": k, "text": text, "logprobs": lp, "finish_reason": "stop"})
+        return {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": "text_completion", "created": int(time.time()),
+                "model": model_name, "choices": choices}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest) -> Any:  # type: ignore[valid-type]
+        if fault == "malformed":
+            return {"choices": [{"message": {"content": {"not": "text"}}}]}
+        prompt = "\n".join(str(m.get("content", "")) for m in req.messages)
+        top_k = (req.top_logprobs or 0) if req.logprobs else None
+        texts, details = await _call([prompt], req.max_tokens or 64, req.temperature, _stops(req.stop), top_k)
+        lp = None
+        if details is not None:
+            lp = {"content": [{"token": s["token"], "logprob": s["logprob"],
+                               "top_logprobs": [{"token": t, "logprob": v} for t, v in s["top"]]}
+                              for s in details[0]]}
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion",
+                "created": int(time.time()), "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": texts[0]},
+                             "logprobs": lp, "finish_reason": "stop"}]}
+
+    return app
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class BackgroundServer:
+    """Run an app with uvicorn in a daemon thread: ``with BackgroundServer(app) as url: ...``."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None,
+                 startup_timeout: float = 30.0) -> None:
+        import uvicorn
+
+        self.port = port or free_port(host)
+        self.url = f"http://{host}:{self.port}/v1"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.startup_timeout = startup_timeout
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + self.startup_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the LLM server did not start")
+            time.sleep(0.05)
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m palr.llm.server SPEC [--host H] [--port P] [--name NAME]``."""
+    import uvicorn
+
+    ap = argparse.ArgumentParser(description="Serve a palr LLM with an OpenAI-compatible API.")
+    ap.add_argument("spec", help="mini:DIR, hf:ID_OR_PATH, or a model directory")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--name", default="palr", help="model name the API reports")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    uvicorn.run(create_app(args.spec, model_name=args.name), host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Profiles: attribute summaries, LLM profiles with validation and fallback, the SQLite cache, the CLI path."""
+
+# ruff: noqa: F811 - pytest fixtures imported from conftest_llm are redefined as arguments
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest_llm import tiny_catalog, tiny_dir, tiny_llm  # noqa: F401 - fixtures
+
+from palr.data.dataset import Dataset
+from palr.errors import PalrError
+from palr.profiles import AttributeProfiler, LLMProfiler, ProfileCache, profile_users, user_history
+
+
+class FixedLLM:
+    """A model that answers every prompt with the same text (or raises), to test validation."""
+
+    def __init__(self, answer: str | Exception) -> None:
+        self.answer, self.name, self.calls = answer, "fixed", 0
+
+    def generate(self, prompts, max_new_tokens=64, temperature=0.0, stop=None, **kw):
+        self.calls += 1
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return [self.answer if self.answer != "ECHO" else p[:80] for p in prompts]
+
+    def score_choices(self, prompts, labels):  # pragma: no cover
+        return np.zeros((len(prompts), len(labels)))
+
+
+def dataset() -> Dataset:
+    # user "u1": crime dramas, lately action; user "u2": comedies
+    seqs = [np.array([2, 7, 6, 2, 7, 1], dtype=np.int64), np.array([0, 4, 0, 4, 3], dtype=np.int64)]
+    return Dataset("tiny", ["u1", "u2"], seqs, tiny_catalog(), protocol={})
+
+
+def test_attribute_profile_names_dominant_genre():
+    ds = dataset()
+    p = AttributeProfiler().profile("u1", ds.sequences[0], ds.catalog)
+    assert p.source == "attributes" and p.keywords[0] in {"crime movies", "drama movies"}
+    assert p.profile.startswith(p.keywords[0]) and "(83%)" in p.profile  # 5 of 6 are crime or drama
+    assert "mostly 1990s films" in p.profile and "lately:" in p.profile
+    q = AttributeProfiler().profile("u2", ds.sequences[1], ds.catalog)
+    assert q.keywords[0] == "comedy movies" and "comedy movies (80%)" in q.profile
+    d = q.to_dict()
+    assert d["user"] == "u2" and d["source"] == "attributes" and isinstance(d["keywords"], list)
+
+
+def test_profiles_identical_across_runs():
+    ds = dataset()
+    a = profile_users(ds, ["u1", "u2"], AttributeProfiler())
+    b = profile_users(ds, ["u1", "u2"], AttributeProfiler())
+    assert [x.to_dict() for x in a] == [x.to_dict() for x in b]
+
+
+def test_unknown_user_and_stage():
+    ds = dataset()
+    with pytest.raises(PalrError, match="unknown user 'nobody'"):
+        user_history(ds, "nobody")
+    assert len(user_history(ds, "u1", "test")) == 5 and len(user_history(ds, "u1", "valid")) == 4
+
+
+def test_cache_hits(tmp_path):
+    ds = dataset()
+    llm = FixedLLM("crime movies, 1990s thrillers")
+    cache = ProfileCache(tmp_path / "p.sqlite")
+    first = profile_users(ds, ["u1", "u2"], LLMProfiler(llm), cache=cache)
+    assert llm.calls == 1 and cache.misses == 2 and first[0].source == "llm"
+    again = profile_users(ds, ["u1", "u2"], LLMProfiler(llm), cache=ProfileCache(tmp_path / "p.sqlite"))
+    assert llm.calls == 1 and [p.to_dict() for p in again] == [p.to_dict() for p in first]
+    other = profile_users(ds, ["u1"], AttributeProfiler(), cache=cache)  # another backend: its own entry
+    assert other[0].source == "attributes"
+
+
+@pytest.mark.parametrize("answer,why", [("", "empty"), ("ECHO", "echo"), ("x" * 300, "longer"),
+                                        ("a, b, c, d, e, f, g", "keywords"), ("!!!, ???", "keyword"),
+                                        (RuntimeError("server down"), "server down")])
+def test_llm_profile_falls_back(answer, why):
+    ds = dataset()
+    [p] = LLMProfiler(FixedLLM(answer)).profile_many(["u1"], [ds.sequences[0]], ds.catalog)
+    assert p.source == "attributes" and why in p.note and "attribute profile used" in p.note
+    assert p.profile == AttributeProfiler().profile("u1", ds.sequences[0], ds.catalog).profile
+
+
+def test_llm_profile_accepted():
+    ds = dataset()
+    [p] = LLMProfiler(FixedLLM(' crime movies, dark thrillers\nmore')).profile_many(["u1"], [ds.sequences[0]],
+                                                                                     ds.catalog)
+    assert p.source == "llm" and p.keywords == ["crime movies", "dark thrillers"] and p.note is None
+
+
+def test_llm_profile_with_random_model_falls_back_or_validates(tiny_llm):
+    ds = dataset()
+    ps = LLMProfiler(tiny_llm, max_new_tokens=8).profile_many(["u1", "u2"], ds.sequences, ds.catalog)
+    assert all(p.source in {"llm", "attributes"} and p.profile for p in ps)
+    assert all(p.note for p in ps if p.source == "attributes")
