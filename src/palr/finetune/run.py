@@ -1,0 +1,175 @@
+"""The `palr finetune` job: retriever run -> instruction data -> Trainer -> a complete PALR run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from palr.finetune.data import attach_candidates, augment_swap, records, training_contexts, write_jsonl
+from palr.finetune.train import (FinetuneConfig, ValidationSet, build_base, collate, encode_records, palr_loss,
+                                 rank_metrics, validation_set)
+from palr.ranking import PromptBuilder, Ranker
+from palr.runs import begin_run, finish_run, write_json
+
+log = logging.getLogger(__name__)
+
+
+def attribute_profiler(catalog: Any, enabled: bool = True) -> Any:
+    """history -> profile text (the deterministic attribute profile; None when disabled)."""
+    if not enabled:
+        return lambda history: None
+    from palr.profiles import AttributeProfiler
+
+    prof = AttributeProfiler()
+    return lambda history: prof.profile("-", history, catalog).profile
+
+
+def _trainer_class() -> Any:
+    from transformers import Trainer
+
+    class PalrTrainer(Trainer):
+        """Trainer with PALR's loss and validation by ranking metrics (NDCG@10 of the fused ranking)."""
+
+        palr_cfg: FinetuneConfig
+        palr_valid: ValidationSet
+        palr_builder: PromptBuilder
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            loss = palr_loss(model, inputs, self.palr_cfg.listwise_weight)
+            return (loss, None) if return_outputs else loss
+
+        def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
+                     metric_key_prefix: str = "eval") -> dict[str, float]:
+            from palr.llm.hf import HFLLM
+
+            model = self.model
+            was_training = model.training
+            model.eval()
+            llm = HFLLM.from_objects(model, self.processing_class, batch_size=64)
+            m = rank_metrics(Ranker(llm, self.palr_builder), self.palr_valid)
+            if was_training:
+                model.train()
+            metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in m.items()}
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    return PalrTrainer
+
+
+def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *, data_dir: str | Path | None = None,
+             progress: bool = True, resume: bool = True) -> Path:
+    """Fine-tune the ranking LLM over a retriever run; writes a complete ``palr`` run directory at ``out``."""
+    import torch
+    from transformers import TrainingArguments, set_seed
+
+    from palr.retrieval.train import load_run
+
+    cfg = cfg.resolved()
+    t_start = time.perf_counter()
+    rcfg, retriever, split = load_run(retriever_run, data_dir)
+    out = begin_run(out)
+    set_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    # the PALR run carries its retriever so that it is self-contained
+    if not (out / "retriever" / "retriever.json").exists():
+        shutil.copytree(Path(retriever_run) / "model", out / "retriever", dirs_exist_ok=True)
+    profile_of = attribute_profiler(split.dataset.catalog, cfg.profiles)
+
+    # 1. instruction data, from the training split only
+    ex = training_contexts(split, cfg.examples)
+    ex = attach_candidates(ex, split, retriever, cfg.examples, progress=progress)
+    ex = augment_swap(ex, cfg.examples.swap_prob, np.random.default_rng(cfg.seed + 3))
+    for e in ex:
+        e.profile = profile_of(e.history)
+    model, tok = build_base(cfg, split, out, retriever)
+    builder = PromptBuilder(split.dataset.catalog, cfg.style, cfg.examples.history_len)  # type: ignore[arg-type]
+    labels_text = None
+    if cfg.style == "text":
+        from palr.llm.base import single_token_labels
+
+        labels_text = single_token_labels(tok, cfg.examples.n_candidates)
+    n_rec = write_jsonl(out / "instructions.jsonl", records(ex[:2000], cfg.tasks, lambda e, t: (
+        builder.prompt(t, e.history, e.profile, e.candidates.tolist(), labels_text),
+        builder.answer(t, e.targets, {int(c): labels_text[k] for k, c in enumerate(e.candidates)}
+                       if labels_text and t == "verbalizer" else None))))
+    rows = encode_records(ex, split, tok, builder, cfg.tasks, cfg.max_length, labels_text)
+    log.info("%d training contexts -> %d records (%d written to instructions.jsonl)", len(ex), len(rows), n_rec)
+
+    # 2. validation users ranked after every epoch
+    vs = validation_set(split, retriever, cfg.valid_users, cfg.examples.n_candidates, profile_of, cfg.seed)
+
+    # 3. train
+    ckpt = out / "checkpoints"
+    args = TrainingArguments(
+        output_dir=str(ckpt), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type="cosine",
+        eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, load_best_model_at_end=True,
+        metric_for_best_model="ndcg@10", greater_is_better=True, logging_steps=50, report_to=[],
+        seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False, disable_tqdm=not progress,
+        dataloader_num_workers=0,
+    )
+    trainer_cls = _trainer_class()
+    trainer = trainer_cls(model=model, args=args, train_dataset=rows, eval_dataset=rows[:1],
+                          data_collator=lambda b: collate(b, tok.pad_token_id), processing_class=tok)
+    trainer.palr_cfg, trainer.palr_valid, trainer.palr_builder = cfg, vs, builder
+    last = _last_checkpoint(ckpt) if resume else None
+    if last:
+        log.info("resuming from %s", last)
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    model = trainer.model
+    model.eval()
+
+    # 4. save the best model (full weights for mini, adapter only for LoRA)
+    llm_dir = out / ("llm" if cfg.base_model == "mini" else "adapter")
+    shutil.rmtree(llm_dir, ignore_errors=True)
+    model.save_pretrained(llm_dir)
+    tok.save_pretrained(llm_dir)
+    if cfg.base_model == "mini":
+        shutil.copy(out / "base" / "palr_mini.json", llm_dir / "palr_mini.json")
+
+    # 5. fusion weight on (up to 5000) validation users, never on test
+    from palr.llm.hf import HFLLM
+
+    llm = HFLLM.from_objects(model, tok, batch_size=64)
+    vs_all = validation_set(split, retriever, 5000, cfg.examples.n_candidates, profile_of, cfg.seed)
+    final = rank_metrics(Ranker(llm, builder), vs_all)
+    history = [h for h in trainer.state.log_history if "eval_ndcg@10" in h]
+    ranking = {"mode": "verbalizer", "style": cfg.style, "weight": final["weight"],
+               "n_candidates": cfg.examples.n_candidates, "history_len": cfg.examples.history_len,
+               "profiles": cfg.profiles, "base_model": cfg.base_model,
+               "llm_dir": llm_dir.name, "lora": bool(cfg.lora_r and cfg.base_model != "mini")}
+    write_json(out / "ranking.json", ranking)
+    metrics = {"valid": final, "valid_per_epoch": history, "train_records": len(rows),
+               "train_contexts": len(ex), "seconds": round(time.perf_counter() - t_start, 1)}
+    shutil.rmtree(ckpt, ignore_errors=True)  # the best weights are saved; checkpoints were for resuming
+    config = {"finetune": {**asdict(cfg), "examples": asdict(cfg.examples)}, "retriever_run": str(retriever_run),
+              "retriever": rcfg["config"], "ranking": ranking, "data_dir": str(data_dir or "")}
+    finish_run(out, "palr", split.dataset, config, metrics)
+    log.info("PALR run %s: valid NDCG@10 fused %.4f (LLM %.4f, retriever %.4f, weight %s)", out,
+             final["ndcg@10"], final["ndcg@10_llm"], final["ndcg@10_retriever"], final["weight"])
+    return out
+
+
+def _last_checkpoint(ckpt: Path) -> Path | None:
+    if not ckpt.is_dir():
+        return None
+    found = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return found[-1] if found else None
+
+
+def read_ranking(run: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run) / "ranking.json").read_text())
+
+
+__all__ = ["finetune", "read_ranking", "FinetuneConfig", "math"]

@@ -1,0 +1,207 @@
+"""The PALR pipeline: load a run; recommend for a user or a history; evaluate end to end.
+
+``PALR.load(dir).recommend(user=..., history=..., k=10, explain=True)`` gives the profile, the ranked
+items with scores and, with ``explain``, one grounded sentence per item.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from palr.data import Split, load_split
+from palr.errors import PalrError
+from palr.evaluation import DEFAULT_KS, evaluate_retriever, metrics_from_ranks, top_k
+from palr.ranking import PromptBuilder, Ranker, positional_ranks
+from palr.retrieval.base import load_retriever
+from palr.runs import check_dataset, dataset_info, read_run, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Recommendation:
+    user: str | None
+    profile: str
+    items: list[dict[str, Any]]  # {"item", "title", "score", "retriever_rank", "explanation"?}
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"user": self.user, "profile": self.profile, "items": self.items, "notes": self.notes}
+
+
+class PALR:
+    """A loaded PALR run: retriever + profiler + LLM ranker over the data set it was trained on."""
+
+    def __init__(self, run: Path, config: dict[str, Any], split: Split, retriever: Any, ranker: Ranker,
+                 ranking: dict[str, Any]) -> None:
+        self.run, self.config, self.split, self.retriever, self.ranker, self.ranking = run, config, split, retriever, ranker, ranking
+        from palr.profiles import AttributeProfiler
+
+        self.profiler = AttributeProfiler()
+
+    @classmethod
+    def load(cls, run: str | Path, data_dir: str | Path | None = None, mode: str | None = None,
+             device: str = "auto") -> PALR:
+        from palr.finetune.run import read_ranking
+        from palr.llm.hf import HFLLM
+
+        run = Path(run)
+        cfg = read_run(run, "palr")
+        split = load_split(cfg["dataset"]["name"], data_dir or cfg["config"].get("data_dir") or None)
+        check_dataset(cfg, split.dataset, run)
+        ranking = read_ranking(run)
+        retriever = load_retriever(run / "retriever")
+        if ranking.get("lora"):
+            llm = HFLLM(cfg["config"]["finetune"]["base_model"], adapter=run / ranking["llm_dir"], device=device)
+        else:
+            llm = HFLLM(run / ranking["llm_dir"], device=device, batch_size=64)
+        builder = PromptBuilder(split.dataset.catalog, ranking["style"], ranking["history_len"])
+        ranker = Ranker(llm, builder, mode=mode or ranking["mode"], weight=float(ranking["weight"]), batch_size=64)
+        return cls(run, cfg, split, retriever, ranker, ranking)
+
+    # -------------------------------------------------------------------- helpers
+    @property
+    def catalog(self) -> Any:
+        return self.split.dataset.catalog
+
+    def profile_text(self, history: Sequence[int]) -> str | None:
+        return self.profiler.profile("-", history, self.catalog).profile if self.ranking.get("profiles", True) else None
+
+    def candidates(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return top_k(self.retriever.score(list(histories)), histories, self.ranking["n_candidates"])
+
+    def resolve_history(self, user: str | None, history: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
+        notes: list[str] = []
+        if history is not None:
+            known = [self.catalog.index_of(h) for h in history if self.catalog.has(h)]
+            unknown = [h for h in history if not self.catalog.has(h)]
+            if unknown:
+                notes.append(f"unknown item ids ignored: {', '.join(unknown[:10])}")
+            return np.asarray(known, dtype=np.int64), notes
+        if user is None:
+            raise PalrError("give a user id or a history")
+        try:
+            u = self.split.dataset.user_index(user)
+        except KeyError:
+            raise PalrError(f"unknown user {user!r} in {self.split.dataset.name}; pass --history ID,ID,... "
+                            "to recommend for a new user") from None
+        return self.split.dataset.sequences[u], notes  # everything the user did
+
+    # -------------------------------------------------------------------- recommend
+    def recommend(self, user: str | None = None, history: Sequence[str] | None = None, k: int = 10,
+                  explain: bool = False) -> Recommendation:
+        """Top-k items for a known user (their whole history) or for a given history of item ids."""
+        hist, notes = self.resolve_history(user, history)
+        if len(hist) == 0:
+            notes.append("empty or unknown history: falling back to popularity")
+            counts = np.bincount(np.concatenate(self.split.train), minlength=self.split.n_items)
+            order = np.lexsort((np.arange(len(counts)), -counts))[:k]
+            items = [self._item(i, float(counts[i]), r + 1) for r, i in enumerate(order)]
+            return Recommendation(user, "no history", items, notes)
+        cands, _ = self.candidates([hist])
+        profile = self.profile_text(hist)
+        res = self.ranker.rank([hist], [profile], cands)
+        if res.failed[0]:
+            notes.append("the LLM failed for this user: the retriever's order stands")
+        notes += res.notes
+        retr_rank = {int(c): r + 1 for r, c in enumerate(cands[0])}
+        items = [self._item(int(i), float(s), retr_rank[int(i)]) for i, s in zip(res.order[0][:k], res.scores[0][:k])]
+        if explain:
+            from palr.explain import explain_items
+
+            for it, text in zip(items, explain_items(self.catalog, hist, [self.catalog.index_of(x["item"]) for x in items],
+                                                     profile, getattr(self.retriever, "item_vectors", None))):
+                it["explanation"] = text
+        return Recommendation(user, profile or "", items, notes)
+
+    def _item(self, i: int, score: float, retriever_rank: int) -> dict[str, Any]:
+        return {"item": self.catalog.item_ids[i], "title": self.catalog.titles[i], "score": round(score, 5),
+                "retriever_rank": retriever_rank}
+
+
+# ---------------------------------------------------------------------------- evaluation
+def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_KS, progress: bool = True,
+                  latency_users: int = 100) -> dict[str, Any]:
+    """Retriever alone (full ranking), PALR end to end (a retrieval miss counts as a miss), PALR on the users
+    whose target was retrieved, and the ranking time per user."""
+    from tqdm.auto import tqdm
+
+    split = palr.split
+    hist = split.histories(stage)  # type: ignore[arg-type]
+    targets = split.targets(stage)  # type: ignore[arg-type]
+    retr = evaluate_retriever(palr.retriever, split, stage, ks, candidates=palr.ranking["n_candidates"],  # type: ignore[arg-type]
+                              predictions=max(max(ks), 10))
+    cands = retr["candidates"]
+    profiles = [palr.profile_text(h) for h in hist]
+    bs = palr.ranker.batch_size
+    orders, fused_all, failed, invalid = [], [], [], 0
+    t0 = time.perf_counter()
+    for s in tqdm(range(0, len(hist), bs), desc=f"PALR ranking ({stage})", disable=not progress, leave=False):
+        r = palr.ranker.rank(hist[s:s + bs], profiles[s:s + bs], cands[s:s + bs])
+        orders.append(r.order)
+        fused_all.append(r.scores)
+        failed.append(r.failed)
+        invalid += r.invalid_generations
+    rank_s = time.perf_counter() - t0
+    order = np.concatenate(orders)
+    scores = np.concatenate(fused_all)
+    failed_mask = np.concatenate(failed)
+    ranks = positional_ranks(scores, order, targets)
+    hit = np.array([t in row for row, t in zip(cands, targets)])
+    # per-user latency: one user at a time, as a service would
+    rng = np.random.default_rng(0)
+    lat_users = rng.choice(len(hist), size=min(latency_users, len(hist)), replace=False)
+    lat = []
+    for u in lat_users:
+        t1 = time.perf_counter()
+        palr.ranker.rank([hist[u]], [profiles[u]], cands[u:u + 1])
+        lat.append(time.perf_counter() - t1)
+    retr_name = palr.config["config"]["retriever"]["retriever"]
+    cond_retr = metrics_from_ranks(retr["ranks"][hit], ks)
+    results = {
+        f"{retr_name} (retriever)": {stage: retr["metrics"]},
+        "PALR (end to end)": {stage: {**metrics_from_ranks(ranks, ks), f"Recall@{cands.shape[1]}": float(hit.mean())}},
+        "PALR (target retrieved)": {stage: metrics_from_ranks(ranks[hit], ks)},
+        f"{retr_name} (target retrieved)": {stage: cond_retr},
+    }
+    timings = {"ranking_s": round(rank_s, 3), "ranking_ms_per_user_batched": round(1000 * rank_s / len(hist), 3),
+               "ranking_ms_per_user_median": round(1000 * statistics.median(lat), 3),
+               "latency_users": len(lat), "retriever_eval_s": round(retr["seconds"], 3)}
+    return {"results": results, "timings": timings, "order": order, "retriever_predictions": retr["predictions"],
+            "llm_failures": int(failed_mask.sum()), "invalid_generations": invalid}
+
+
+def evaluate_palr_run(run: str | Path, out: str | Path | None = None, predictions: str | Path | None = None,
+                      retriever_predictions: str | Path | None = None, data_dir: str | Path | None = None,
+                      mode: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """`palr evaluate --run PALR_RUN`: the test split, retriever and PALR measured in one run."""
+    from palr.retrieval.train import write_predictions
+
+    palr = PALR.load(run, data_dir, mode=mode)
+    ev = evaluate_palr(palr, "test", progress=progress)
+    split = palr.split
+    if predictions:
+        write_predictions(predictions, split.dataset, ev["order"])
+    if retriever_predictions:
+        write_predictions(retriever_predictions, split.dataset, ev["retriever_predictions"])
+    doc = {"protocol": {**split.dataset.protocol, "ks": list(DEFAULT_KS),
+                        "candidates": palr.ranking["n_candidates"],
+                        "end_to_end": "a target the retriever did not return counts as a miss",
+                        "fusion_weight": palr.ranking["weight"], "fusion_weight_chosen_on": "validation users",
+                        "ranking_mode": palr.ranker.mode, "prompt_style": palr.ranking["style"]},
+           "dataset": dataset_info(split.dataset), "results": ev["results"], "timings": ev["timings"],
+           "llm_failures": ev["llm_failures"], "invalid_generations": ev["invalid_generations"]}
+    if out:
+        write_json(out, doc)
+    return doc
+
+
+__all__ = ["PALR", "Recommendation", "evaluate_palr", "evaluate_palr_run", "math"]
