@@ -3,6 +3,8 @@
 # ruff: noqa: F811 - pytest fixtures imported from conftest_llm are redefined as arguments
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest_llm import tiny_catalog, tiny_dir, tiny_llm  # noqa: F401 - fixtures
@@ -94,3 +96,23 @@ def test_llm_profile_with_random_model_falls_back_or_validates(tiny_llm):
     ps = LLMProfiler(tiny_llm, max_new_tokens=8).profile_many(["u1", "u2"], ds.sequences, ds.catalog)
     assert all(p.source in {"llm", "attributes"} and p.profile for p in ps)
     assert all(p.note for p in ps if p.source == "attributes")
+
+
+def test_cli_profile(tmp_path):
+    from typer.testing import CliRunner
+
+    from palr.cli import app
+
+    rows = ["user,item,timestamp"] + [f"u{u},i{(u + k) % 12},{k}" for u in range(12) for k in range(6)]
+    (tmp_path / "x.csv").write_text("\n".join(rows) + "\n")
+    spec = f"csv:{tmp_path / 'x.csv'}"
+    res = CliRunner().invoke(app, ["profile", "-d", spec, "--user", "u3", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["user"] == "u3" and doc["source"] == "attributes" and doc["n_history"] == 6
+    res = CliRunner().invoke(app, ["profile", "-d", spec, "--all", "--out", str(tmp_path / "p.jsonl"),
+                                   "--cache", str(tmp_path / "c.sqlite")])
+    assert res.exit_code == 0, res.output
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 12
+    res = CliRunner().invoke(app, ["profile", "-d", spec, "--user", "nobody"])
+    assert isinstance(res.exception, PalrError) and "unknown user 'nobody'" in str(res.exception)

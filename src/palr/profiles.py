@@ -36,6 +36,8 @@ __all__ = [
     "ProfileCache",
     "Profiler",
     "history_hash",
+    "make_profiler",
+    "profile_dataset",
     "profile_users",
     "user_history",
 ]
@@ -188,7 +190,7 @@ def _check_answer(answer: str, prompt: str, max_chars: int, max_keywords: int) -
     for k in keywords:
         letters = sum(ch.isalpha() for ch in k)
         if len(k.split()) > 6 or letters < max(2, len(k) // 2):
-            return [], f"keyword {k!r} does not look like a keyword"
+            return [], f"keyword {k[:40]!r} does not look like a keyword"
     return keywords, None
 
 
@@ -309,3 +311,26 @@ def profile_users(dataset: Dataset, users: Sequence[str], profiler: Profiler, *,
     if bar is not None:
         bar.close()
     return [p for p in result if p is not None]
+
+
+def make_profiler(llm: str | None = None, **llm_options: Any) -> Profiler:
+    """The attribute profiler, or an LLM profiler over ``load_llm(llm, **llm_options)``."""
+    if not llm:
+        return AttributeProfiler()
+    from palr.llm.base import load_llm
+
+    return LLMProfiler(load_llm(llm, **llm_options))
+
+
+def profile_dataset(dataset: Dataset, users: Sequence[str] | None = None, *, llm: str | None = None,
+                    cache: str | Path | None = None, stage: str = "all", progress: bool = False) -> list[Profile]:
+    """Profiles of ``users`` (all users when None) of a loaded data set: what ``palr profile`` prints."""
+    wanted = list(dataset.user_ids) if users is None else [str(u) for u in users]
+    for u in wanted:
+        user_history(dataset, u, stage)  # unknown users fail before any model is loaded
+    store = ProfileCache(cache) if cache else None
+    try:
+        return profile_users(dataset, wanted, make_profiler(llm), stage=stage, cache=store, progress=progress)
+    finally:
+        if store is not None:
+            store.close()
