@@ -244,3 +244,22 @@ def test_finetuned_run_refuses_another_dataset(tiny_run: dict, tmp_path: Path) -
     other = load_dataset(write_csv(tmp_path, n_users=90))
     with pytest.raises(RunError, match="trained on"):
         check_dataset(read_run(tiny_run["palr"]), other, tiny_run["palr"])
+
+
+def test_http_service_recommends(tiny_run: dict) -> None:
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from palr.llm.server import BackgroundServer
+    from palr.service import create_app
+
+    with BackgroundServer(create_app(tiny_run["palr"])) as url:
+        base = url.removesuffix("/v1")
+        assert httpx.get(f"{base}/health").json()["status"] == "ok"
+        from palr.pipeline import PALR
+
+        user = PALR.load(tiny_run["palr"]).split.dataset.user_ids[0]
+        r = httpx.post(f"{base}/recommend", json={"user": user, "k": 4, "explain": True}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["items"]) == 4
+        assert httpx.post(f"{base}/recommend", json={"user": "nobody"}, timeout=30).status_code == 404
+        assert httpx.post(f"{base}/recommend", json={"k": 3}, timeout=30).status_code == 422

@@ -305,6 +305,17 @@ def demo_cmd(dataset: str = typer.Option("ml-100k", "--dataset", "-d", help="Dat
     run_demo(dataset, out, quick=quick, data_dir=data_dir, seed=seed, console=console)
 
 
+@app.command("serve")
+def serve_cmd(run: Path = typer.Option(..., "--run", help="A PALR run (palr finetune)."),
+              host: str = typer.Option("127.0.0.1", help="Interface to bind."),
+              port: int = typer.Option(8000, help="TCP port."),
+              data_dir: Path | None = DataDirOpt) -> None:
+    """HTTP service: POST /recommend {"user": ID} or {"history": [...]}, GET /health."""
+    from palr.service import serve
+
+    serve(run, host=host, port=port, data_dir=data_dir)
+
+
 def _print_error(message: str) -> None:
     """One unwrapped line (paths stay copyable), the message escaped so '[...]' in it is not rich markup."""
     from rich.markup import escape
