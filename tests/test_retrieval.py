@@ -121,7 +121,7 @@ def test_sasrec_fills_defaults_from_data(synth_split: Split) -> None:
 
     c = SASRec(dropout=0.3).resolve(synth_split.train, synth_split.n_items)
     assert c["dropout"] == 0.3  # given: kept
-    assert c["max_len"] == 50 and c["epochs"] == 25  # short synthetic sequences: the Amazon-like defaults
+    assert c["max_len"] == 50 and c["epochs"] == 30  # short synthetic sequences: the Amazon-like defaults
 
 
 def test_candidates_for(fitted: dict, synth_split: Split) -> None:
@@ -183,7 +183,8 @@ def test_cli_train_then_evaluate_run(synth_split: Split, tmp_path: Path) -> None
     assert r.exit_code == 0, r.output
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["config"]["params"]["hidden"] == 16 and cfg["config"]["params"]["seed"] == 3
-    assert cfg["config"]["params"]["dropout"] == 0.5  # resolved default saved, not None
+    assert cfg["config"]["params"]["dropout"] == 0.5 and cfg["config"]["params"]["max_len"] == 10
+    assert cfg["config"]["params"]["batch_size"] == 128  # resolved default saved, not None
     assert "torch" in cfg["versions"] and cfg["protocol"]["split"].startswith("leave-one-out")
     assert (run / "model" / "weights.safetensors").exists() and (run / "run.json").exists()
     assert "epoch" in (run / "train.log").read_text()
