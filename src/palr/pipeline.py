@@ -129,17 +129,23 @@ class PALR:
 
 # ---------------------------------------------------------------------------- evaluation
 def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_KS, progress: bool = True,
-                  latency_users: int = 100) -> dict[str, Any]:
+                  latency_users: int = 100, users: np.ndarray | None = None) -> dict[str, Any]:
     """Retriever alone (full ranking), PALR end to end (a retrieval miss counts as a miss), PALR on the users
-    whose target was retrieved, and the ranking time per user."""
+    whose target was retrieved, and the ranking time per user. ``users``: a subset (all by default); the
+    retriever's figures are then on the same subset."""
     from tqdm.auto import tqdm
 
     split = palr.split
-    hist = split.histories(stage)  # type: ignore[arg-type]
-    targets = split.targets(stage)  # type: ignore[arg-type]
     retr = evaluate_retriever(palr.retriever, split, stage, ks, candidates=palr.ranking["n_candidates"],  # type: ignore[arg-type]
                               predictions=max(max(ks), 10))
-    cands = retr["candidates"]
+    sel = np.arange(split.dataset.n_users) if users is None else np.asarray(users)
+    hist = [split.histories(stage)[u] for u in sel]  # type: ignore[arg-type]
+    targets = split.targets(stage)[sel]  # type: ignore[arg-type]
+    cands = retr["candidates"][sel]
+    if users is not None:
+        retr["metrics"] = {**metrics_from_ranks(retr["ranks"][sel], ks),
+                           f"Recall@{cands.shape[1]}": float(np.mean([t in r for r, t in zip(cands, targets)]))}
+        retr["ranks"] = retr["ranks"][sel]
     profiles = [palr.profile_text(h) for h in hist]
     bs = palr.ranker.batch_size
     orders, fused_all, failed, invalid = [], [], [], 0
@@ -175,7 +181,7 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     timings = {"ranking_s": round(rank_s, 3), "ranking_ms_per_user_batched": round(1000 * rank_s / len(hist), 3),
                "ranking_ms_per_user_median": round(1000 * statistics.median(lat), 3),
                "latency_users": len(lat), "retriever_eval_s": round(retr["seconds"], 3)}
-    return {"results": results, "timings": timings, "order": order, "retriever_predictions": retr["predictions"],
+    return {"results": results, "timings": timings, "order": order, "retriever_predictions": retr["predictions"][sel], "users": sel,
             "llm_failures": int(failed_mask.sum()), "invalid_generations": invalid}
 
 
