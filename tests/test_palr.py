@@ -92,8 +92,12 @@ def test_choose_weight_uses_the_given_validation_data() -> None:
     cands = np.tile(np.arange(20), (50, 1))
     targets = np.zeros(50, dtype=int)  # the retriever's first item is always right
     lp = rng.normal(size=(50, 20))  # the LLM is noise
-    w, table = choose_weight(lp, cands, targets)
-    assert math.isinf(w) or w >= 3 and table[str(w)] == pytest.approx(1.0)
+    kind, w, table = choose_weight(lp, cands, targets)
+    assert kind == "rank" and (math.isinf(w) or w >= 3) and table[f"rank:{w}"] == pytest.approx(1.0)
+    # with retriever scores that put the target last, the score prior is useless and rank is kept
+    scores = np.tile(np.linspace(0, 1, 20), (50, 1))
+    kind, w, table = choose_weight(lp, cands, targets, scores=scores)
+    assert kind == "rank" and table["score:inf"] < 0.5
 
 
 # ---------------------------------------------------------------------------- a tiny embedded model

@@ -64,7 +64,8 @@ class PALR:
         else:
             llm = HFLLM(run / ranking["llm_dir"], device=device, batch_size=64)
         builder = PromptBuilder(split.dataset.catalog, ranking["style"], ranking["history_len"])
-        ranker = Ranker(llm, builder, mode=mode or ranking["mode"], weight=float(ranking["weight"]), batch_size=64)
+        ranker = Ranker(llm, builder, mode=mode or ranking["mode"], weight=float(ranking["weight"]), batch_size=64,
+                        fusion=ranking.get("fusion", "rank"))
         return cls(run, cfg, split, retriever, ranker, ranking)
 
     # -------------------------------------------------------------------- helpers
@@ -106,9 +107,9 @@ class PALR:
             order = np.lexsort((np.arange(len(counts)), -counts))[:k]
             items = [self._item(i, float(counts[i]), r + 1) for r, i in enumerate(order)]
             return Recommendation(user, "no history", items, notes)
-        cands, _ = self.candidates([hist])
+        cands, cscores = self.candidates([hist])
         profile = self.profile_text(hist)
-        res = self.ranker.rank([hist], [profile], cands)
+        res = self.ranker.rank([hist], [profile], cands, cscores)
         if res.failed[0]:
             notes.append("the LLM failed for this user: the retriever's order stands")
         notes += res.notes
@@ -142,6 +143,7 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     hist = [split.histories(stage)[u] for u in sel]  # type: ignore[arg-type]
     targets = split.targets(stage)[sel]  # type: ignore[arg-type]
     cands = retr["candidates"][sel]
+    cscores = retr["candidate_scores"][sel]
     if users is not None:
         retr["metrics"] = {**metrics_from_ranks(retr["ranks"][sel], ks),
                            f"Recall@{cands.shape[1]}": float(np.mean([t in r for r, t in zip(cands, targets)]))}
@@ -151,7 +153,7 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     orders, fused_all, failed, invalid = [], [], [], 0
     t0 = time.perf_counter()
     for s in tqdm(range(0, len(hist), bs), desc=f"PALR ranking ({stage})", disable=not progress, leave=False):
-        r = palr.ranker.rank(hist[s:s + bs], profiles[s:s + bs], cands[s:s + bs])
+        r = palr.ranker.rank(hist[s:s + bs], profiles[s:s + bs], cands[s:s + bs], cscores[s:s + bs])
         orders.append(r.order)
         fused_all.append(r.scores)
         failed.append(r.failed)
@@ -168,7 +170,7 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     lat = []
     for u in lat_users:
         t1 = time.perf_counter()
-        palr.ranker.rank([hist[u]], [profiles[u]], cands[u:u + 1])
+        palr.ranker.rank([hist[u]], [profiles[u]], cands[u:u + 1], cscores[u:u + 1])
         lat.append(time.perf_counter() - t1)
     retr_name = palr.config["config"]["retriever"]["retriever"]
     cond_retr = metrics_from_ranks(retr["ranks"][hit], ks)
@@ -201,7 +203,8 @@ def evaluate_palr_run(run: str | Path, out: str | Path | None = None, prediction
     doc = {"protocol": {**split.dataset.protocol, "ks": list(DEFAULT_KS),
                         "candidates": palr.ranking["n_candidates"],
                         "end_to_end": "a target the retriever did not return counts as a miss",
-                        "fusion_weight": palr.ranking["weight"], "fusion_weight_chosen_on": "validation users",
+                        "fusion_weight": palr.ranking["weight"], "fusion": palr.ranking.get("fusion", "rank"),
+                        "fusion_weight_chosen_on": "validation users",
                         "ranking_mode": palr.ranker.mode, "prompt_style": palr.ranking["style"]},
            "dataset": dataset_info(split.dataset), "results": ev["results"], "timings": ev["timings"],
            "llm_failures": ev["llm_failures"], "invalid_generations": ev["invalid_generations"]}

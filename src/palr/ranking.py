@@ -10,8 +10,10 @@ Two modes:
   by a prefix trie, so every answer is a real candidate. Candidates it does not name follow in the
   retriever's order.
 
-The LLM's scores may be fused with the retriever's: ``score = log_softmax(llm) + w * -log(retriever_rank)``,
-with ``w`` chosen on validation users (never test); ``w = inf`` is the retriever alone. If the LLM fails
+The LLM's scores may be fused with the retriever's: ``score = log_softmax(llm) + w * prior``, where the prior
+is ``-log(retriever_rank)`` (``fusion="rank"``, any retriever) or ``log_softmax(retriever_scores)`` over the
+candidates (``fusion="score"``); the kind and ``w`` are chosen on validation users (never test);
+``w = inf`` is the retriever alone. If the LLM fails
 for a user, the retriever's order stands and the result says so.
 """
 
@@ -100,12 +102,21 @@ class RankResult:
     invalid_generations: int = 0
 
 
-def fuse(llm_logprobs: np.ndarray, weight: float) -> np.ndarray:
-    """(B, K) fused scores for candidates in retriever order: log_softmax(llm) + w * -log(rank)."""
-    K = llm_logprobs.shape[1]
-    prior = -np.log(np.arange(1, K + 1, dtype=np.float64))[None, :]
+def retriever_prior(shape: tuple[int, int], scores: np.ndarray | None = None, kind: str = "rank") -> np.ndarray:
+    """(B, K) the retriever's log-prior over its candidates (retriever order, best first)."""
+    if kind == "score" and scores is not None:
+        x = np.asarray(scores, dtype=np.float64)
+        x = np.where(np.isfinite(x), x, np.nanmin(np.where(np.isfinite(x), x, np.inf)) - 50.0)
+        return x - np.logaddexp.reduce(x, axis=1, keepdims=True)
+    K = shape[1]
+    return np.broadcast_to(-np.log(np.arange(1, K + 1, dtype=np.float64))[None, :], shape).copy()
+
+
+def fuse(llm_logprobs: np.ndarray, weight: float, scores: np.ndarray | None = None, kind: str = "rank") -> np.ndarray:
+    """(B, K) fused scores for candidates in retriever order: log_softmax(llm) + w * retriever prior."""
+    prior = retriever_prior(llm_logprobs.shape, scores, kind)
     if math.isinf(weight):
-        return np.broadcast_to(prior, llm_logprobs.shape).copy()
+        return prior
     x = llm_logprobs.astype(np.float64)
     x = x - np.logaddexp.reduce(x, axis=1, keepdims=True)
     return x + weight * prior
@@ -134,8 +145,8 @@ class Ranker:
     """Ranks candidate lists with an LLM; ``weight`` fuses it with the retriever (see module doc)."""
 
     def __init__(self, llm: Any, builder: PromptBuilder, mode: Mode = "verbalizer", weight: float = 0.0,
-                 batch_size: int = 32, n_generate: int = 10) -> None:
-        self.llm, self.builder, self.mode, self.weight = llm, builder, mode, weight
+                 batch_size: int = 32, n_generate: int = 10, fusion: str = "rank") -> None:
+        self.llm, self.builder, self.mode, self.weight, self.fusion = llm, builder, mode, weight, fusion
         self.batch_size, self.n_generate = batch_size, n_generate
         self._item_ids: np.ndarray | None = None
 
@@ -206,8 +217,8 @@ class Ranker:
 
     # -- both
     def rank(self, histories: Sequence[np.ndarray], profiles: Sequence[str | None], candidates: np.ndarray,
-             weight: float | None = None) -> RankResult:
-        """Rank each row of ``candidates`` (retriever order, best first)."""
+             scores: np.ndarray | None = None, weight: float | None = None) -> RankResult:
+        """Rank each row of ``candidates`` (retriever order, best first; ``scores`` = the retriever's)."""
         w = self.weight if weight is None else weight
         t0 = time.perf_counter()
         failed = np.zeros(len(histories), dtype=bool)
@@ -225,19 +236,28 @@ class Ranker:
             lp = np.full(candidates.shape, np.nan, dtype=np.float32)
             bad = np.ones(len(histories), dtype=bool)
         failed |= bad
-        fused = fuse(np.where(np.isfinite(lp), lp, 0.0), w)
-        fused[failed] = fuse(np.zeros((int(failed.sum()), candidates.shape[1])), math.inf)
+        fused = fuse(np.where(np.isfinite(lp), lp, 0.0), w, scores, self.fusion)
+        fused[failed] = retriever_prior(candidates.shape, scores, self.fusion)[failed]
         order, scores = order_by(fused, candidates)
         return RankResult(order, scores, lp, failed, time.perf_counter() - t0, notes, invalid)
 
 
 def choose_weight(llm_logprobs: np.ndarray, candidates: np.ndarray, targets: np.ndarray,
-                  grid: Sequence[float] = FUSION_GRID, k: int = 10) -> tuple[float, dict[str, float]]:
-    """The fusion weight with the best NDCG@k on **validation** users; ties prefer the smaller weight."""
+                  grid: Sequence[float] = FUSION_GRID, k: int = 10, scores: np.ndarray | None = None,
+                  ) -> tuple[str, float, dict[str, float]]:
+    """The fusion kind and weight with the best NDCG@k on **validation** users.
+
+    Returns (kind, weight, {"rank:0.5": ndcg, "score:0.5": ndcg, ...}); ties prefer "rank" and the smaller
+    weight; "rank:inf" is the retriever alone.
+    """
     from palr.evaluation import ndcg
 
+    kinds = ["rank"] + (["score"] if scores is not None else [])
     table = {}
-    for w in grid:
-        table[str(w)] = ndcg(positional_ranks(fuse(llm_logprobs, w), candidates, targets), k)
-    best = max(grid, key=lambda w: (round(table[str(w)], 12), -w if not math.isinf(w) else -1e9))
-    return float(best), table
+    for kind in kinds:
+        for w in grid:
+            table[f"{kind}:{w}"] = ndcg(positional_ranks(fuse(llm_logprobs, w, scores, kind), candidates, targets), k)
+    best = max(table, key=lambda key: (round(table[key], 12), key.startswith("rank"),
+                                       -float(key.split(":")[1]) if "inf" not in key else -1e9))
+    kind, w = best.split(":")
+    return kind, float(w), table

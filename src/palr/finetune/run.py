@@ -58,7 +58,7 @@ def _trainer_class() -> Any:
             m = rank_metrics(Ranker(llm, self.palr_builder), self.palr_valid)
             if was_training:
                 model.train()
-            metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in m.items()}
+            metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in m.items() if k != "fusion"}
             self.log(metrics)
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             return metrics
@@ -145,7 +145,7 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
     vs_all = validation_set(split, retriever, 5000, cfg.examples.n_candidates, profile_of, cfg.seed)
     final = rank_metrics(Ranker(llm, builder), vs_all)
     history = [h for h in trainer.state.log_history if "eval_ndcg@10" in h]
-    ranking = {"mode": "verbalizer", "style": cfg.style, "weight": final["weight"],
+    ranking = {"mode": "verbalizer", "style": cfg.style, "weight": final["weight"], "fusion": final["fusion"],
                "n_candidates": cfg.examples.n_candidates, "history_len": cfg.examples.history_len,
                "profiles": cfg.profiles, "base_model": cfg.base_model,
                "llm_dir": llm_dir.name, "lora": bool(cfg.lora_r and cfg.base_model != "mini")}

@@ -198,19 +198,20 @@ class ValidationSet:
     profiles: list[str | None]
     candidates: np.ndarray  # (U, K) retriever order
     targets: np.ndarray
+    scores: np.ndarray  # (U, K) the retriever's scores of the candidates
 
 
 def validation_set(split: Split, retriever: Any, n_users: int, k: int, profiler: Any, seed: int) -> ValidationSet:
     from palr.retrieval.train import candidates_for
 
-    cands, _ = candidates_for(retriever, split, "valid", k)
+    cands, scores = candidates_for(retriever, split, "valid", k)
     rng = np.random.default_rng(seed + 7)
     users = np.arange(len(split.train))
     if 0 < n_users < len(users):
         users = np.sort(rng.choice(users, n_users, replace=False))
     hist = [split.train[u] for u in users]
     prof = [profiler(h) for h in hist]
-    return ValidationSet(users, hist, prof, cands[users], split.valid_targets[users])
+    return ValidationSet(users, hist, prof, cands[users], split.valid_targets[users], scores[users])
 
 
 def rank_metrics(ranker: Ranker, vs: ValidationSet) -> dict[str, float]:
@@ -218,7 +219,7 @@ def rank_metrics(ranker: Ranker, vs: ValidationSet) -> dict[str, float]:
     from palr.evaluation import ndcg
 
     lp = ranker.verbalizer_logprobs(vs.histories, vs.profiles, vs.candidates)
-    best_w, table = choose_weight(lp, vs.candidates, vs.targets, FUSION_GRID)
+    kind, best_w, table = choose_weight(lp, vs.candidates, vs.targets, FUSION_GRID, scores=vs.scores)
     llm_only = ndcg(positional_ranks(fuse(lp, 0.0), vs.candidates, vs.targets), 10)
-    return {"ndcg@10": table[str(best_w)], "ndcg@10_llm": llm_only, "ndcg@10_retriever": table[str(math.inf)],
-            "weight": best_w}
+    return {"ndcg@10": table[f"{kind}:{best_w}"], "ndcg@10_llm": llm_only, "ndcg@10_retriever": table["rank:inf"],
+            "weight": best_w, "fusion": kind}
