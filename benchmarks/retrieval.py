@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no busy-waiting threads
+HERE = Path(__file__).resolve().parent
+# benchmarks/palr.py would shadow the palr package when this file is run as a script
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 from palr.retrieval.train import evaluate_models, load_run, train_run
 
 DATASETS = ["ml-100k", "ml-latest-small", "amazon-beauty"]
 RETRIEVERS = ["popularity", "itemknn", "als", "bpr", "text", "sasrec"]
-HERE = Path(__file__).resolve().parent
 log = logging.getLogger("benchmarks.retrieval")
 
 
