@@ -15,7 +15,7 @@ import numpy as np
 
 from palr.finetune.data import attach_candidates, augment_swap, records, training_contexts, write_jsonl
 from palr.finetune.train import (FinetuneConfig, ValidationSet, build_base, collate, encode_records, palr_loss,
-                                 rank_metrics, validation_set)
+                                 pretrain_sequences, rank_metrics, validation_set)
 from palr.ranking import PromptBuilder, Ranker
 from palr.runs import begin_run, finish_run, write_json
 
@@ -93,6 +93,10 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         e.profile = profile_of(e.history)
     model, tok = build_base(cfg, split, out, retriever)
     builder = PromptBuilder(split.dataset.catalog, cfg.style, cfg.examples.history_len)  # type: ignore[arg-type]
+    pre_losses: list[float] = []
+    if cfg.base_model == "mini" and cfg.pretrain_epochs > 0 and not _last_checkpoint(out / "checkpoints"):
+        pre_losses = pretrain_sequences(model, tok, split, builder, cfg.pretrain_epochs, lr=cfg.lr, seed=cfg.seed,
+                                        progress=progress)
     labels_text = None
     if cfg.style == "text":
         from palr.llm.base import single_token_labels
@@ -150,7 +154,7 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
                "profiles": cfg.profiles, "base_model": cfg.base_model,
                "llm_dir": llm_dir.name, "lora": bool(cfg.lora_r and cfg.base_model != "mini")}
     write_json(out / "ranking.json", ranking)
-    metrics = {"valid": final, "valid_per_epoch": history, "train_records": len(rows),
+    metrics = {"valid": final, "valid_per_epoch": history, "pretrain_losses": pre_losses, "train_records": len(rows),
                "train_contexts": len(ex), "seconds": round(time.perf_counter() - t_start, 1)}
     shutil.rmtree(ckpt, ignore_errors=True)  # the best weights are saved; checkpoints were for resuming
     config = {"finetune": {**asdict(cfg), "examples": asdict(cfg.examples)}, "retriever_run": str(retriever_run),

@@ -52,6 +52,7 @@ class FinetuneConfig:
     mini_heads: int = 4
     mini_vocab: int = 2048
     init_from_retriever: bool = True
+    pretrain_epochs: int = 3  # mini only: next-item language modelling on the training sequences first
     profiles: bool = True
     seed: int = 0
 
@@ -108,6 +109,59 @@ def init_item_embeddings(model: Any, token_ids: np.ndarray, vectors: np.ndarray)
         emb[torch.as_tensor(token_ids)] = 0.0
         emb[torch.as_tensor(token_ids), :d] = v
     log.info("initialised %d item tokens from the retriever's %d-d item embeddings", len(token_ids), vectors.shape[1])
+
+
+def pretrain_sequences(model: Any, tok: Any, split: Split, builder: PromptBuilder, epochs: int, *,
+                       window: int = 100, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+                       progress: bool = False) -> list[float]:
+    """Teach the embedded model the item-token "language" before instruction tuning.
+
+    Each training sequence (train split only) is written as the prompts write a history,
+    ``Input: User watched movies <i1><i7>...``, cut into windows of ``window`` items; the model learns
+    every next item token (plain causal LM loss). Returns the mean loss per epoch.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if epochs <= 0:
+        return []
+    head = tok.encode(f"Input: User {builder.nouns.verb} {builder.nouns.plural} ", add_special_tokens=True)
+    from palr.llm.mini import item_token_ids
+
+    ids_of = item_token_ids(tok, split.n_items)
+    rows = []
+    for s in split.train:
+        for start in range(0, len(s), window):
+            chunk = s[max(0, start - 10): start + window] if start else s[:window]
+            if len(chunk) >= 2:
+                rows.append(head + ids_of[chunk].tolist())
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    n_head = len(head)
+    losses = []
+    model.train()
+    for _ in range(epochs):
+        perm = rng.permutation(len(rows))
+        total, n = 0.0, 0
+        for b in tqdm(range(0, len(rows), batch_size), desc="pretraining", disable=not progress, leave=False):
+            batch = [rows[j] for j in perm[b:b + batch_size]]
+            T = max(len(r) for r in batch)
+            ids = torch.full((len(batch), T), tok.pad_token_id, dtype=torch.long)
+            labels = torch.full((len(batch), T), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), T), dtype=torch.long)
+            for k, r in enumerate(batch):
+                ids[k, :len(r)] = torch.tensor(r)
+                labels[k, n_head:len(r)] = torch.tensor(r[n_head:])  # only the item tokens are predicted
+                mask[k, :len(r)] = 1
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            total, n = total + float(loss), n + 1
+        losses.append(total / max(n, 1))
+        log.info("pretraining epoch %d: loss %.4f", len(losses), losses[-1])
+    return losses
 
 
 def decoder_of(model: Any) -> Any:
