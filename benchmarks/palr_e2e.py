@@ -37,7 +37,6 @@ def run(dataset: str, data_dir: str, out: Path, gen_users: int, seed: int) -> di
     from palr.pipeline import PALR, evaluate_palr
     from palr.retrieval.train import train_run
 
-    t0 = time.perf_counter()
     rrun = out / f"{dataset}-sasrec"
     if not (rrun / "run.json").exists():  # an existing SASRec run of the same data is reused (its fit time is kept)
         train_run(dataset, "sasrec", rrun, seed=seed, data_dir=data_dir, progress=False)
@@ -54,11 +53,11 @@ def run(dataset: str, data_dir: str, out: Path, gen_users: int, seed: int) -> di
     t_eval = time.perf_counter() - t2
     sample = np.sort(np.random.default_rng(seed).choice(palr.split.dataset.n_users,
                                                        min(gen_users, palr.split.dataset.n_users), replace=False))
-    verb_s = evaluate_palr(palr, "test", progress=False, users=sample, latency_users=0 or 50)
+    verb_s = evaluate_palr(palr, "test", progress=False, users=sample, latency_users=50)
     gen = PALR.load(prun, data_dir, mode="generative")
     gen_s = evaluate_palr(gen, "test", progress=False, users=sample, latency_users=50)
     doc = {"dataset": dataset, "results": ev["results"], "timings": ev["timings"],
-           "sample": {"users": int(len(sample)), "verbalizer": verb_s["results"], "generative": gen_s["results"],
+           "sample": {"users": len(sample), "verbalizer": verb_s["results"], "generative": gen_s["results"],
                       "verbalizer_timings": verb_s["timings"], "generative_timings": gen_s["timings"],
                       "invalid_generations": gen_s["invalid_generations"]},
            "valid": json.loads((prun / "metrics.json").read_text())["valid"],
@@ -71,11 +70,11 @@ def run(dataset: str, data_dir: str, out: Path, gen_users: int, seed: int) -> di
 def section(docs: list[dict], command: str) -> str:
     lines = ["## PALR (embedded mini model) vs the SASRec it re-ranks", "",
              f"Command: `{command}`  ",
-             f"Date: {dt.date.today().isoformat()}; machine: {platform.machine()} CPU, 2 cores, no GPU; "
-             f"Python {platform.python_version()}.  ",
-             "Protocol: test split, leave-one-out, full ranking over all items with the history excluded, "
-             "pessimistic ties; PALR re-ranks SASRec's top-50; a target SASRec did not retrieve counts as a miss "
-             "(end to end); the fusion weight was chosen on validation users only.", "",
+             (f"Date: {dt.date.today().isoformat()}; machine: {platform.machine()} CPU, 2 cores, no GPU; "
+              f"Python {platform.python_version()}.  "),
+             ("Protocol: test split, leave-one-out, full ranking over all items with the history excluded, "
+              "pessimistic ties; PALR re-ranks SASRec's top-50; a target SASRec did not retrieve counts as a miss "
+              "(end to end); the fusion kind and weight were chosen on validation users only."), "",
              "| data set | model | HR@10 | NDCG@10 | MRR@10 | users | NDCG@10 ratio vs SASRec |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for d in docs:
@@ -89,8 +88,8 @@ def section(docs: list[dict], command: str) -> str:
             lines.append(f"| {d['dataset']} | {name} | {m['HR@10']:.4f} | {m['NDCG@10']:.4f} | {m['MRR@10']:.4f} | "
                          f"{m['users']} | {ratio:.3f} |")
     lines += ["", "Time and latency (seconds unless stated):", "",
-              "| data set | SASRec train | fine-tune | evaluate | total | verbalizer ms/user (median, 1 user a call) "
-              "| generative ms/user (median) |", "|---|---:|---:|---:|---:|---:|---:|"]
+              ("| data set | SASRec train | fine-tune | evaluate | total | verbalizer ms/user (median, 1 user a call) "
+               "| generative ms/user (median) |"), "|---|---:|---:|---:|---:|---:|---:|"]
     for d in docs:
         s, t = d["seconds"], d["timings"]
         lines.append(f"| {d['dataset']} | {s['retriever_train']} | {s['finetune']} | {s['evaluate']} | {s['total']} | "
@@ -110,7 +109,7 @@ def section(docs: list[dict], command: str) -> str:
 def write_section(text: str, path: Path = HERE / "RESULTS.md") -> None:
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     title = text.splitlines()[0]
-    pat = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pat = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     new = pat.sub(text + "\n", old) if pat.search(old) else old.rstrip() + "\n\n" + text
     path.write_text(new)
 

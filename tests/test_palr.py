@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from palr.data import Split
 from palr.data.synthetic import synthetic_raw
 from palr.finetune.data import ExampleConfig, attach_candidates, check_no_leak, records, training_contexts
-from palr.ranking import PromptBuilder, Ranker, choose_weight, fuse, order_by, positional_ranks
+from palr.ranking import PromptBuilder, choose_weight, fuse, order_by, positional_ranks
 from palr.ranking_trie import CandidateTrie
 from palr.retrieval.base import make_retriever
 
@@ -223,7 +224,7 @@ def test_generative_mode_only_returns_candidates_even_with_injected_titles(tiny_
 
 def test_candidate_trie_constrains_and_parses() -> None:
     class Tok:  # a whitespace tokenizer over a fixed vocabulary
-        vocab = {w: i for i, w in enumerate(["<eos>", ",", "a", "b", "c", "x"])}
+        vocab: ClassVar[dict[str, int]] = {w: i for i, w in enumerate(["<eos>", ",", "a", "b", "c", "x"])}
         eos_token_id = 0
 
         def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -241,9 +242,9 @@ def test_candidate_trie_constrains_and_parses() -> None:
 
 
 def test_finetuned_run_refuses_another_dataset(tiny_run: dict, tmp_path: Path) -> None:
+    from palr.data import load_dataset
     from palr.errors import RunError
     from palr.runs import check_dataset, read_run
-    from palr.data import load_dataset
 
     other = load_dataset(write_csv(tmp_path, n_users=90))
     with pytest.raises(RunError, match="trained on"):

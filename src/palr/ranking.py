@@ -203,7 +203,7 @@ class Ranker:
             ps = [self.builder.prompt("recommend_retrieval", h, p, c, n=self.n_generate)
                   for h, p, c in zip(histories[sl], profiles[sl], cands)]
             texts = self.llm.generate(ps, max_new_tokens=max(t.max_tokens() for t in tries),
-                                      prefix_allowed_tokens_fn=lambda b, ids: tries[b].allowed(ids.tolist()),
+                                      prefix_allowed_tokens_fn=lambda b, ids, tries=tries: tries[b].allowed(ids.tolist()),
                                       skip_special_tokens=False)
             for b, (text, trie) in enumerate(zip(texts, tries)):
                 picked, bad = trie.parse(tok.encode(text, add_special_tokens=False))
@@ -230,7 +230,7 @@ class Ranker:
             else:
                 lp, invalid = self.generate_orders(histories, profiles, candidates)
             bad = ~np.isfinite(lp).all(axis=1) if self.mode == "verbalizer" else np.zeros(len(lp), bool)
-        except Exception as e:  # the LLM failed for this batch: the retriever's order stands
+        except Exception as e:  # noqa: BLE001 - any LLM failure for this batch: the retriever's order stands
             log.warning("LLM ranking failed (%s: %s); keeping the retriever's order", type(e).__name__, e)
             notes.append(f"LLM failed: {type(e).__name__}: {e}")
             lp = np.full(candidates.shape, np.nan, dtype=np.float32)

@@ -19,7 +19,7 @@ class CandidateTrie:
     n: int
 
     @classmethod
-    def build(cls, tokenizer: Any, rendered: Sequence[str], sep: str, n: int) -> "CandidateTrie":
+    def build(cls, tokenizer: Any, rendered: Sequence[str], sep: str, n: int) -> CandidateTrie:
         seqs = [list(tokenizer.encode(" " + r if sep else r, add_special_tokens=False)) for r in rendered]
         sep_ids = list(tokenizer.encode(sep, add_special_tokens=False)) if sep else []
         return cls(seqs, sep_ids, int(tokenizer.eos_token_id), min(n, len(seqs)))
@@ -37,10 +37,9 @@ class CandidateTrie:
         for t in ids:
             if t == self.eos:
                 break
-            if pending_sep < len(self.sep) and named and not partial:
-                if t == self.sep[pending_sep]:
-                    pending_sep += 1
-                    continue
+            if pending_sep < len(self.sep) and named and not partial and t == self.sep[pending_sep]:
+                pending_sep += 1
+                continue
             partial.append(t)
             matches = [k for k, s in enumerate(self.seqs) if k not in named and s[: len(partial)] == partial]
             if not matches:

@@ -9,7 +9,7 @@ The run is loaded once in the ``lifespan`` handler, never at import; the app onl
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,8 @@ def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None) ->
     from palr.errors import PalrError
 
     class RecommendRequest(BaseModel):
-        user: Optional[str] = Field(None, description="A known user id (their whole history is used).")
-        history: Optional[list[str]] = Field(None, description="Item ids, oldest first, for a new user.")
+        user: str | None = Field(None, description="A known user id (their whole history is used).")
+        history: list[str] | None = Field(None, description="Item ids, oldest first, for a new user.")
         k: int = Field(10, ge=1, le=100)
         explain: bool = False
 

@@ -65,7 +65,7 @@ def select_users(n_users: int, fraction: float, seed: int) -> np.ndarray:
     if not 0 < fraction <= 1:
         raise ValueError(f"user fraction must be in (0, 1], got {fraction}")
     rng = np.random.default_rng(seed)
-    k = max(1, int(round(fraction * n_users)))
+    k = max(1, round(fraction * n_users))
     return np.sort(rng.permutation(n_users)[:k]) if k < n_users else np.arange(n_users)
 
 

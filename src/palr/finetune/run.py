@@ -14,8 +14,17 @@ from typing import Any
 import numpy as np
 
 from palr.finetune.data import attach_candidates, augment_swap, records, training_contexts, write_jsonl
-from palr.finetune.train import (FinetuneConfig, ValidationSet, build_base, collate, encode_records, palr_loss,
-                                 pretrain_sequences, rank_metrics, validation_set)
+from palr.finetune.train import (
+    FinetuneConfig,
+    ValidationSet,
+    build_base,
+    collate,
+    encode_records,
+    palr_loss,
+    pretrain_sequences,
+    rank_metrics,
+    validation_set,
+)
 from palr.ranking import PromptBuilder, Ranker
 from palr.runs import begin_run, finish_run, write_json
 
@@ -176,4 +185,4 @@ def read_ranking(run: str | Path) -> dict[str, Any]:
     return json.loads((Path(run) / "ranking.json").read_text())
 
 
-__all__ = ["finetune", "read_ranking", "FinetuneConfig", "math"]
+__all__ = ["FinetuneConfig", "finetune", "math", "read_ranking"]

@@ -14,7 +14,6 @@ epoch by validation NDCG@10 (ranking metrics on validation users) is kept.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from palr.data.dataset import Split
-from palr.finetune.data import Example, ExampleConfig, attach_candidates, augment_swap, training_contexts
+from palr.finetune.data import Example, ExampleConfig
 from palr.ranking import FUSION_GRID, PromptBuilder, Ranker, choose_weight, fuse, positional_ranks
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -27,7 +28,7 @@ class Retriever(Protocol):
     name: ClassVar[str]
 
     def fit(self, train: Sequence[np.ndarray], n_items: int, *, valid: tuple[Sequence[np.ndarray], np.ndarray]
-            | None = None, progress: bool = False) -> "Retriever": ...
+            | None = None, progress: bool = False) -> Retriever: ...
 
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray: ...
 
@@ -36,7 +37,7 @@ class Retriever(Protocol):
     def save(self, directory: Path) -> None: ...
 
     @classmethod
-    def load(cls, directory: Path) -> "Retriever": ...
+    def load(cls, directory: Path) -> Retriever: ...
 
 
 def recommend(retriever: Retriever, histories: Sequence[np.ndarray], k: int = 50) -> tuple[np.ndarray, np.ndarray]:
