@@ -268,3 +268,54 @@ def test_http_service_recommends(tiny_run: dict) -> None:
         assert r.status_code == 200 and len(r.json()["items"]) == 4
         assert httpx.post(f"{base}/recommend", json={"user": "nobody"}, timeout=30).status_code == 404
         assert httpx.post(f"{base}/recommend", json={"k": 3}, timeout=30).status_code == 422
+
+
+def test_lora_finetune_saves_an_adapter_that_moved_and_reloads(tiny_run: dict, tmp_path: Path) -> None:
+    """A pretrained model gets LoRA; the saved adapter is not a no-op and reloads to the same scores
+    (cf. TALLRec #41: evaluation silently ran with random LoRA weights)."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from conftest_llm import build_tiny_model
+    from palr.finetune.run import finetune
+    from palr.finetune.train import FinetuneConfig
+    from palr.llm.hf import HFLLM
+    from palr.pipeline import PALR
+
+    base = build_tiny_model(tmp_path / "base")
+    cfg = FinetuneConfig(base_model=str(base), lora_r=4, lora_alpha=8, epochs=1.0, valid_users=20, batch_size=8,
+                         lr=5e-3, max_length=250, pretrain_epochs=0,
+                         examples=ExampleConfig(positions_per_user=1, n_candidates=5, history_len=5))
+    prun = finetune(tiny_run["retriever"], tmp_path / "lora", cfg, progress=False)
+    ranking = json.loads((prun / "ranking.json").read_text())
+    assert ranking["lora"] and ranking["style"] == "text"
+    weights = load_file(str(prun / "adapter" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and any(float(v.abs().max()) > 0 for v in lora_b), "LoRA B matrices never left zero"
+
+    palr = PALR.load(prun)
+    again = PALR.load(prun)
+    plain = HFLLM(base)
+    hist = palr.split.histories("test")[:4]
+    cands, _ = palr.candidates(hist)
+    prof = [palr.profile_text(h) for h in hist]
+    a = palr.ranker.verbalizer_logprobs(hist, prof, cands)
+    b = again.ranker.verbalizer_logprobs(hist, prof, cands)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    palr.ranker.llm = plain  # the base model without the adapter scores differently
+    c = palr.ranker.verbalizer_logprobs(hist, prof, cands)
+    assert not np.allclose(a, c, atol=1e-4)
+
+
+def test_pretraining_lowers_the_next_item_loss(synth_split: Split, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from palr.finetune.train import pretrain_sequences
+    from palr.llm.mini import build_mini
+
+    d = build_mini(synth_split.dataset.catalog, tmp_path / "m", vocab_size=300, n_layer=1, n_embd=32, n_head=2)
+    tok, model = AutoTokenizer.from_pretrained(d), AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    builder = PromptBuilder(synth_split.dataset.catalog, "tokens")
+    losses = pretrain_sequences(model, tok, synth_split, builder, epochs=4, window=30, lr=5e-3)
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]

@@ -157,7 +157,7 @@ def pretrain_sequences(model: Any, tok: Any, split: Split, builder: PromptBuilde
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            total, n = total + float(loss), n + 1
+            total, n = total + loss.item(), n + 1
         losses.append(total / max(n, 1))
         log.info("pretraining epoch %d: loss %.4f", len(losses), losses[-1])
     return losses
