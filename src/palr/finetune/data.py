@@ -100,19 +100,29 @@ class NegativeSampler:
                     if j != k:
                         nbrs[s[k]].add(int(s[j]))
         self.cooc = [np.array(sorted(x), dtype=np.int64) for x in nbrs]
+        self._pools: dict[tuple[str, ...], np.ndarray] = {}
+
+    def _pool(self, item: int) -> np.ndarray:
+        key = tuple(self.item_tags[item])
+        if key not in self._pools:  # items share tag sets: one union per distinct set
+            parts = [self.by_tag[t] for t in key if t in self.by_tag]
+            self._pools[key] = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        return self._pools[key]
+
+    @staticmethod
+    def _sample(pool: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
+        """Up to k distinct items of ``pool`` (draws with replacement, then dedupes: O(k), not O(len(pool)))."""
+        if not len(pool) or k <= 0:
+            return []
+        if len(pool) <= k:
+            return pool.tolist()
+        return list(dict.fromkeys(pool[rng.integers(0, len(pool), size=2 * k)].tolist()))[:k]
 
     def same_tag(self, item: int, k: int, rng: np.random.Generator) -> list[int]:
-        pool = [self.by_tag[t] for t in self.item_tags[item] if t in self.by_tag]
-        if not pool or k <= 0:
-            return []
-        allp = np.unique(np.concatenate(pool))
-        return rng.choice(allp, size=min(k, len(allp)), replace=False).tolist()
+        return self._sample(self._pool(item), k, rng)
 
     def co_occurring(self, item: int, k: int, rng: np.random.Generator) -> list[int]:
-        c = self.cooc[item]
-        if not len(c) or k <= 0:
-            return []
-        return rng.choice(c, size=min(k, len(c)), replace=False).tolist()
+        return self._sample(self.cooc[item], k, rng)
 
 
 def attach_candidates(examples: list[Example], split: Split, retriever: Any, cfg: ExampleConfig,
