@@ -151,11 +151,11 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
     if cfg.base_model == "mini":
         shutil.copy(out / "base" / "palr_mini.json", llm_dir / "palr_mini.json")
 
-    # 5. fusion weight on (up to 5000) validation users, never on test
+    # 5. fusion kind and weight on (up to cfg.weight_users) validation users, never on test
     from palr.llm.hf import HFLLM
 
     llm = HFLLM.from_objects(model, tok, batch_size=64)
-    vs_all = validation_set(split, retriever, 5000, cfg.examples.n_candidates, profile_of, cfg.seed)
+    vs_all = validation_set(split, retriever, cfg.weight_users, cfg.examples.n_candidates, profile_of, cfg.seed)
     final = rank_metrics(Ranker(llm, builder), vs_all)
     history = [h for h in trainer.state.log_history if "eval_ndcg@10" in h]
     ranking = {"mode": "verbalizer", "style": cfg.style, "weight": final["weight"], "fusion": final["fusion"],

@@ -44,6 +44,7 @@ class FinetuneConfig:
     warmup_ratio: float = 0.05
     listwise_weight: float = 1.0
     valid_users: int = 1000  # validation users scored after every epoch
+    weight_users: int = 5000  # validation users on which the fusion weight is finally chosen
     max_length: int = 1024
     examples: ExampleConfig = field(default_factory=ExampleConfig)
     mini_layers: int = 2
