@@ -167,7 +167,7 @@ def results_table(results: dict[str, dict[str, dict[str, float]]], stage: Stage 
 
     extra = sorted({c for r in results.values() for c in r.get(stage, {}) if c.startswith("Recall@")})
     table = Table(title=f"{stage} (full ranking, leave-one-out, pessimistic ties)")
-    table.add_column("model")
+    table.add_column("model", no_wrap=True)
     for c in [*columns, *extra, "users"]:
         table.add_column(c, justify="right")
     for model, by_stage in results.items():

@@ -16,15 +16,17 @@ def explain_items(catalog: Catalog, history: Sequence[int], items: Sequence[int]
     """One sentence per recommended item."""
     hist = [int(i) for i in history][-recent:]
     vecs = item_vectors() if item_vectors is not None else None
+    if vecs is not None:  # centred, so that a few "hub" items are not similar to everything
+        vecs = vecs - vecs.mean(axis=0, keepdims=True)
+        vecs = vecs / (np.linalg.norm(vecs, axis=1, keepdims=True) + 1e-9)
     out = []
     for i in items:
         tags = set(catalog.tags(i))
+        # similarity = shared-tag Jaccard (+ cosine of the retriever's item embeddings when it has them)
+        sim = np.array([len(tags & set(catalog.tags(h))) / max(1, len(tags | set(catalog.tags(h)))) for h in hist])
         if vecs is not None:
-            v = vecs[hist] @ vecs[i] / (np.linalg.norm(vecs[hist], axis=1) * np.linalg.norm(vecs[i]) + 1e-9)
-            order = np.argsort(-v, kind="stable")
-        else:
-            overlap = np.array([len(tags & set(catalog.tags(h))) for h in hist], dtype=float)
-            order = np.lexsort((-np.arange(len(hist)), -overlap))
+            sim = sim + vecs[hist] @ vecs[i]
+        order = np.lexsort((-np.arange(len(hist)), -sim))  # ties: the more recent item
         similar = [hist[j] for j in order[:2]]
         shared = sorted(tags & {t for h in similar for t in catalog.tags(h)})
         names = " and ".join(f'"{clean_text(catalog.titles[h], 8)}"' for h in similar)
