@@ -167,9 +167,9 @@ def results_table(results: dict[str, dict[str, dict[str, float]]], stage: Stage 
 
     extra = sorted({c for r in results.values() for c in r.get(stage, {}) if c.startswith("Recall@")})
     table = Table(title=f"{stage} (full ranking, leave-one-out, pessimistic ties)")
-    table.add_column("model", no_wrap=True)
+    table.add_column("model", min_width=12)
     for c in [*columns, *extra, "users"]:
-        table.add_column(c, justify="right")
+        table.add_column(c, justify="right", no_wrap=True, min_width=6)
     for model, by_stage in results.items():
         m = by_stage.get(stage, {})
         cells = [f"{m[c]:.4f}" if isinstance(m.get(c), float) else str(m.get(c, "")) for c in [*columns, *extra]]
