@@ -161,7 +161,7 @@ def evaluate_retriever(retriever: Retriever, split: Split, stage: Stage, ks: Seq
 
 
 def results_table(results: dict[str, dict[str, dict[str, float]]], stage: Stage = "test",
-                  columns: Sequence[str] = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20")) -> Any:
+                  columns: Sequence[str] = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")) -> Any:
     """A rich Table of {model: {stage: metrics}}."""
     from rich.table import Table
 
