@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-palr")
     ap.add_argument("--gen-users", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown file whose PALR section is replaced")
     args = ap.parse_args()
     import os
 
@@ -128,7 +129,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     docs = [run(d, data_dir, out, args.gen_users, args.seed) for d in args.datasets.split(",")]
-    write_section(section(docs, "python benchmarks/palr_e2e.py " + " ".join(sys.argv[1:])))
+    write_section(section(docs, "python benchmarks/palr_e2e.py " + " ".join(sys.argv[1:])), Path(args.results))
     print(section(docs, ""))
 
 
