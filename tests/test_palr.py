@@ -274,9 +274,9 @@ def test_lora_finetune_saves_an_adapter_that_moved_and_reloads(tiny_run: dict, t
     """A pretrained model gets LoRA; the saved adapter is not a no-op and reloads to the same scores
     (cf. TALLRec #41: evaluation silently ran with random LoRA weights)."""
     pytest.importorskip("peft")
+    from conftest_llm import build_tiny_model
     from safetensors.torch import load_file
 
-    from conftest_llm import build_tiny_model
     from palr.finetune.run import finetune
     from palr.finetune.train import FinetuneConfig
     from palr.llm.hf import HFLLM

@@ -7,7 +7,6 @@ items with scores and, with ``explain``, one grounded sentence per item.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -214,4 +213,4 @@ def evaluate_palr_run(run: str | Path, out: str | Path | None = None, prediction
     return doc
 
 
-__all__ = ["PALR", "Recommendation", "evaluate_palr", "evaluate_palr_run", "math"]
+__all__ = ["PALR", "Recommendation", "evaluate_palr", "evaluate_palr_run"]

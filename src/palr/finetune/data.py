@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from palr.data.dataset import Catalog, Split
+from palr.data.dataset import Split
 from palr.evaluation import top_k
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,3 @@ def records(examples: Sequence[Example], tasks: Sequence[str], render: Renderer)
             out.append({"task": task, "instruction": instruction, "input": inp, "output": answer,
                         "user": e.user, "candidates": e.candidates.tolist(), "target": e.targets[0]})
     return out
-
-
-def catalog_tags(catalog: Catalog, items: Sequence[int]) -> list[list[str]]:
-    return [catalog.tags(int(i)) for i in items]

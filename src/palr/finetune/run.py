@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import asdict
@@ -185,4 +184,4 @@ def read_ranking(run: str | Path) -> dict[str, Any]:
     return json.loads((Path(run) / "ranking.json").read_text())
 
 
-__all__ = ["FinetuneConfig", "finetune", "math", "read_ranking"]
+__all__ = ["FinetuneConfig", "finetune", "read_ranking"]
