@@ -140,7 +140,8 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     retr = evaluate_retriever(palr.retriever, split, stage, ks, candidates=palr.ranking["n_candidates"],  # type: ignore[arg-type]
                               predictions=max(max(ks), 10))
     sel = np.arange(split.dataset.n_users) if users is None else np.asarray(users)
-    hist = [split.histories(stage)[u] for u in sel]  # type: ignore[arg-type]
+    all_hist = split.histories(stage)  # type: ignore[arg-type]
+    hist = [all_hist[u] for u in sel]
     targets = split.targets(stage)[sel]  # type: ignore[arg-type]
     cands = retr["candidates"][sel]
     cscores = retr["candidate_scores"][sel]
