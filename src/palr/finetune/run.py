@@ -118,7 +118,10 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
     log.info("%d training contexts -> %d records (%d written to instructions.jsonl)", len(ex), len(rows), n_rec)
 
     # 2. validation users ranked after every epoch
-    vs = validation_set(split, retriever, cfg.valid_users, cfg.examples.n_candidates, profile_of, cfg.seed)
+    from palr.retrieval.train import candidates_for
+
+    valid_cands = candidates_for(retriever, split, "valid", cfg.examples.n_candidates)  # computed once
+    vs = validation_set(split, valid_cands, cfg.valid_users, profile_of, cfg.seed)
 
     # 3. train
     ckpt = out / "checkpoints"
@@ -154,7 +157,7 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
     from palr.llm.hf import HFLLM
 
     llm = HFLLM.from_objects(model, tok, batch_size=64)
-    vs_all = validation_set(split, retriever, cfg.weight_users, cfg.examples.n_candidates, profile_of, cfg.seed)
+    vs_all = validation_set(split, valid_cands, cfg.weight_users, profile_of, cfg.seed)
     final = rank_metrics(Ranker(llm, builder), vs_all)
     history = [h for h in trainer.state.log_history if "eval_ndcg@10" in h]
     ranking = {"mode": "verbalizer", "style": cfg.style, "weight": final["weight"], "fusion": final["fusion"],

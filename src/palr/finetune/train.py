@@ -255,10 +255,10 @@ class ValidationSet:
     scores: np.ndarray  # (U, K) the retriever's scores of the candidates
 
 
-def validation_set(split: Split, retriever: Any, n_users: int, k: int, profiler: Any, seed: int) -> ValidationSet:
-    from palr.retrieval.train import candidates_for
-
-    cands, scores = candidates_for(retriever, split, "valid", k)
+def validation_set(split: Split, candidates: tuple[np.ndarray, np.ndarray], n_users: int, profiler: Any,
+                   seed: int) -> ValidationSet:
+    """A seeded subset of validation users with their (precomputed) retriever candidates and scores."""
+    cands, scores = candidates
     rng = np.random.default_rng(seed + 7)
     users = np.arange(len(split.train))
     if 0 < n_users < len(users):
