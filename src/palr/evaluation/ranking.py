@@ -1,6 +1,4 @@
-"""Honest evaluation: pure metric functions on 1-based pessimistic ranks, full ranking over the
-catalogue with the user's history excluded, recall of candidate lists, results tables.
-"""
+"""Full ranking over the catalogue with the user's history excluded: ranks, top-k lists, results tables."""
 
 from __future__ import annotations
 
@@ -12,46 +10,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from palr.data.dataset import Split, Stage
+from palr.evaluation.metrics import DEFAULT_KS, metrics_from_ranks, recall_of_candidates
 
 if TYPE_CHECKING:
     from palr.retrieval.base import Retriever
 
-DEFAULT_KS = (5, 10, 20)
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------- metrics (pure)
-def hit_rate(ranks: np.ndarray, k: int) -> float:
-    """HR@k: share of users whose target has rank <= k."""
-    ranks = np.asarray(ranks)
-    return float(np.mean(ranks <= k)) if len(ranks) else 0.0
-
-
-def ndcg(ranks: np.ndarray, k: int) -> float:
-    """NDCG@k with one relevant item: 1 / log2(rank + 1) if rank <= k, else 0."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    if not len(ranks):
-        return 0.0
-    gains = np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
-    return float(gains.mean())
-
-
-def mrr(ranks: np.ndarray, k: int) -> float:
-    """MRR@k: 1 / rank if rank <= k, else 0."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    if not len(ranks):
-        return 0.0
-    return float(np.where(ranks <= k, 1.0 / ranks, 0.0).mean())
-
-
-def metrics_from_ranks(ranks: np.ndarray, ks: Iterable[int] = DEFAULT_KS) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"HR@{k}"] = hit_rate(ranks, k)
-        out[f"NDCG@{k}"] = ndcg(ranks, k)
-        out[f"MRR@{k}"] = mrr(ranks, k)
-    out["users"] = len(ranks)
-    return out
 
 
 def pessimistic_ranks(scores: np.ndarray, targets: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
@@ -103,11 +67,6 @@ def top_k(scores: np.ndarray, histories: Sequence[np.ndarray], k: int) -> tuple[
         cand = np.flatnonzero(s[b] >= kth[b, 0])
         idx[b] = cand[np.lexsort((cand, -s[b, cand], excl[b, cand]))[:k]]
     return idx.astype(np.int64), np.take_along_axis(s, idx, axis=1).astype(np.float32)
-
-
-def recall_of_candidates(candidates: np.ndarray, targets: np.ndarray) -> float:
-    """Share of users whose target is in their candidate list (recall@len)."""
-    return float(np.mean([t in row for row, t in zip(candidates, targets)])) if len(targets) else 0.0
 
 
 # ---------------------------------------------------------------------------- full-ranking runs

@@ -1,0 +1,27 @@
+"""Honest evaluation: metrics (per user and averaged) on 1-based ranks, full ranking with the history
+excluded, statistics over users (paired bootstrap, paired test) and over seeds."""
+
+from palr.evaluation.metrics import (
+    DEFAULT_KS,
+    hit_rate,
+    metrics_from_ranks,
+    mrr,
+    ndcg,
+    per_user_metrics,
+    recall_of_candidates,
+)
+from palr.evaluation.ranking import (
+    evaluate_retriever,
+    history_mask,
+    pessimistic_ranks,
+    results_table,
+    score_batches,
+    top_k,
+)
+from palr.evaluation.stats import Comparison, compare_metrics, format_ratio, paired_bootstrap, summarize_seeds
+
+__all__ = [
+    "DEFAULT_KS", "Comparison", "compare_metrics", "evaluate_retriever", "format_ratio", "history_mask", "hit_rate",
+    "metrics_from_ranks", "mrr", "ndcg", "paired_bootstrap", "per_user_metrics", "pessimistic_ranks",
+    "recall_of_candidates", "results_table", "score_batches", "summarize_seeds", "top_k",
+]
