@@ -1,4 +1,5 @@
-"""Metrics against hand-computed values, pessimistic ties, history exclusion, exact top-k, batch == single,
+"""Metrics against hand-computed values, seeded random ties (rank = position in the written list), the
+pessimistic bound, history exclusion, exact top-k, batch == single,
 and `palr evaluate` end to end on a synthetic CSV."""
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from palr.evaluation import (
     mrr,
     ndcg,
     pessimistic_ranks,
+    ranks_of_targets,
     recall_of_candidates,
     results_table,
+    tie_keys,
     top_k,
 )
 from palr.retrieval.base import make_retriever
@@ -88,6 +91,14 @@ def test_constant_model_is_not_rewarded() -> None:
     ranks = pessimistic_ranks(scores, targets, history_mask(histories, n_items))
     assert ranks.tolist() == [n_items - len(h) for h in histories]
     assert hit_rate(ranks, 10) <= 10 / n_items
+    # the reported ranks (seeded random ties): a constant model's target lands uniformly among the
+    # non-excluded items, so HR@10 ~ 10/N: never 1, never rewarded for the item ids
+    ranks = ranks_of_targets(scores, targets, history_mask(histories, n_items), seed=3)
+    avail = np.array([n_items - len(h) for h in histories])
+    assert ranks.min() >= 1 and np.all(ranks <= avail)
+    assert abs(np.mean(ranks / avail) - 0.5) < 0.06
+    big = ranks_of_targets(np.zeros((20_000, 100)), np.arange(20_000) % 100, seed=0)
+    assert hit_rate(big, 10) == pytest.approx(10 / 100, abs=0.01)
     # a random model gets HR@10 close to 10/N (an optimistic tie rule would not change it; argsort()[0] would)
     random_scores = rng.random((n_users, n_items))
     ranks = pessimistic_ranks(random_scores, targets, history_mask(histories, n_items))
@@ -111,33 +122,44 @@ def test_evaluate_retriever_constant_model_on_synthetic(synth_split: Split) -> N
     n = synth_split.n_items
     for stage in ("valid", "test"):
         r = evaluate_retriever(ConstantScores(n), synth_split, stage, ks=(10,), batch_size=64)  # type: ignore[arg-type]
-        want = [n - len(h) for h in synth_split.histories(stage)]
-        assert r["ranks"].tolist() == want
-        assert r["metrics"]["HR@10"] <= 10 / n * 2
+        avail = np.array([n - len(h) for h in synth_split.histories(stage)])
+        assert np.all(r["ranks"] >= 1) and np.all(r["ranks"] <= avail)
+        expected = float(np.mean(np.minimum(10, avail) / avail))  # a uniform rank among the available items
+        assert abs(r["metrics"]["HR@10"] - expected) < 4 * np.sqrt(expected / len(avail))
 
 
 # ---------------------------------------------------------------------------- top-k
-def _reference_top_k(row: np.ndarray, history: np.ndarray, k: int) -> list[int]:
+def _reference_top_k(row: np.ndarray, history: np.ndarray, k: int, user: int = 0, seed: int = 0) -> list[int]:
     s = np.where(np.isnan(row), -np.inf, row).astype(np.float64)
     hist = set(history.tolist())
-    return sorted(range(len(s)), key=lambda i: (i in hist, -s[i], i))[:k]
+    keys = tie_keys(np.full(len(s), user), np.arange(len(s)), seed)
+    return sorted(range(len(s)), key=lambda i: (i in hist, -s[i], int(keys[i])))[:k]
 
 
-def test_top_k_ties_by_index_history_excluded_best_first() -> None:
+def _key_order(items: list[int], user: int = 0, seed: int = 0) -> list[int]:
+    keys = tie_keys(np.full(len(items), user), np.array(items), seed)
+    return [items[j] for j in np.argsort(keys, kind="stable")]
+
+
+def test_top_k_ties_in_seeded_random_order_history_excluded_best_first() -> None:
     scores = np.array([[1.0, 5.0, 5.0, 3.0, 5.0, 0.0]])
     idx, vals = top_k(scores, [np.array([1])], 3)
-    assert idx.tolist() == [[2, 4, 3]]
+    assert idx.tolist() == [[*_key_order([2, 4]), 3]]
     assert vals.tolist() == [[5.0, 5.0, 3.0]]
+    # the tie order is not the item order: over users and seeds, both orders of a tied pair occur
+    orders = {tuple(top_k(scores, [np.array([1])], 2, users=np.array([u]), seed=sd)[0][0])
+              for u in range(8) for sd in range(4)}
+    assert orders == {(2, 4), (4, 2)}
 
 
 def test_top_k_never_picks_history_over_nan_or_minus_inf() -> None:
     scores = np.array([[-np.inf, np.nan, 5.0, np.nan, 1.0]])
     idx, vals = top_k(scores, [np.array([0, 4])], 3)
-    assert idx.tolist() == [[2, 1, 3]]
+    assert idx.tolist() == [[2, *_key_order([1, 3])]]
     assert vals[0, 0] == 5.0 and np.all(np.isneginf(vals[0, 1:]))
     # asked for more than the non-history items: history items come last
     idx, _ = top_k(scores, [np.array([0, 4])], 5)
-    assert idx.tolist() == [[2, 1, 3, 0, 4]]
+    assert idx.tolist() == [[2, *_key_order([1, 3]), *_key_order([0, 4])]]
 
 
 def test_top_k_exact_on_real_size_arrays_with_many_ties() -> None:
@@ -146,13 +168,38 @@ def test_top_k_exact_on_real_size_arrays_with_many_ties() -> None:
     scores = rng.integers(0, 4, size=(n_users, n_items)).astype(np.float32)  # heavy ties everywhere
     scores[::7, ::13] = np.nan
     histories = [rng.choice(n_items, size=int(rng.integers(0, 300)), replace=False) for _ in range(n_users)]
+    users = np.arange(100, 100 + n_users)
     for k in (1, 10, 50):
-        idx, vals = top_k(scores, histories, k)
+        idx, vals = top_k(scores, histories, k, users=users, seed=5)
         assert idx.shape == (n_users, k) and idx.dtype == np.int64
         for b in range(n_users):
-            assert idx[b].tolist() == _reference_top_k(scores[b], histories[b], k)
+            assert idx[b].tolist() == _reference_top_k(scores[b], histories[b], k, user=100 + b, seed=5)
             assert not set(idx[b].tolist()) & set(histories[b].tolist())
             assert np.all(np.diff(vals[b]) <= 0)
+
+
+def test_rank_is_the_position_in_the_written_list() -> None:
+    """What is written is what is scored: with heavy ties, NaN and history, every target's rank equals its
+    position in top_k's list (when it is in the list) and exceeds the list length otherwise."""
+    rng = np.random.default_rng(2)
+    n_users, n_items, k = 200, 300, 20
+    scores = rng.integers(0, 3, size=(n_users, n_items)).astype(np.float32)
+    scores[::5, ::7] = np.nan
+    histories = [rng.choice(n_items, size=int(rng.integers(1, 50)), replace=False) for _ in range(n_users)]
+    targets = np.array([rng.choice(np.setdiff1d(np.arange(n_items), h)) for h in histories])
+    users = np.arange(n_users) * 3
+    ranks = ranks_of_targets(scores, targets, history_mask(histories, n_items), users=users, seed=9)
+    idx, _ = top_k(scores, histories, k, users=users, seed=9)
+    for b in range(n_users):
+        row = idx[b].tolist()
+        assert (row.index(targets[b]) + 1 if targets[b] in row else k + 1) == min(ranks[b], k + 1)
+    assert 0 < np.mean(ranks <= k) < 1
+    # batches of any size give the same ranks (the tie order belongs to the user, not the batch position)
+    half = ranks_of_targets(scores[100:], targets[100:], history_mask(histories[100:], n_items), users=users[100:],
+                            seed=9)
+    np.testing.assert_array_equal(half, ranks[100:])
+    # the pessimistic rank bounds it from above
+    assert np.all(ranks <= pessimistic_ranks(scores, targets, history_mask(histories, n_items)))
 
 
 def test_recall_of_candidates() -> None:
@@ -209,7 +256,7 @@ def test_palr_evaluate_end_to_end(tmp_path: Path) -> None:
         outputs.append((out, preds))
     doc = json.loads(outputs[0][0].read_text())
     assert set(doc) >= {"protocol", "dataset", "results", "timings"}
-    assert "stable sort" in doc["protocol"]["order"] and "pessimistic" in doc["protocol"]["ties"]
+    assert "stable sort" in doc["protocol"]["order"] and "seeded random order" in doc["protocol"]["ties"]
     assert doc["dataset"]["name"] == f"csv:{csv_path}"
     assert set(doc["results"]["popularity"]) == {"valid", "test"}
     assert 0.0 <= doc["results"]["popularity"]["test"]["HR@10"] <= 1.0

@@ -80,12 +80,17 @@ def test_fusion_infinite_weight_is_the_retriever_order() -> None:
     assert order.tolist() == [[7, 6, 5]]
 
 
-def test_positional_ranks_pessimistic_and_misses() -> None:
-    fused = np.array([[1.0, 1.0, 0.5], [3.0, 2.0, 1.0]])
-    cands = np.array([[1, 2, 3], [4, 5, 6]])
-    ranks = positional_ranks(fused, cands, np.array([2, 9]))
-    assert ranks[0] == 2  # tie with item 1 counts against the target
+def test_positional_ranks_are_positions_in_the_written_order_and_misses() -> None:
+    fused = np.array([[1.0, 1.0, 0.5], [3.0, 2.0, 1.0], [0.5, 1.0, 1.0], [np.nan, 0.0, -np.inf]])
+    cands = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 2, 3]])
+    targets = np.array([2, 9, 8, 3])
+    ranks = positional_ranks(fused, cands, targets)
+    assert ranks[0] == 2 and ranks[2] == 1  # a tie keeps the candidate (retriever) order
     assert ranks[1] > 10**6  # not retrieved: a miss
+    assert ranks[3] == 3  # NaN is -inf, tied with -inf: candidate order again
+    order, _ = order_by(fused, cands)
+    for b in (0, 2, 3):
+        assert ranks[b] == order[b].tolist().index(targets[b]) + 1
 
 
 def test_choose_weight_uses_the_given_validation_data() -> None:
@@ -152,8 +157,24 @@ def test_evaluate_palr_run_end_to_end(tiny_run: dict, tmp_path: Path) -> None:
     from palr.pipeline import evaluate_palr_run
 
     doc = evaluate_palr_run(tiny_run["palr"], out=tmp_path / "r.json", predictions=tmp_path / "p.jsonl",
-                            retriever_predictions=tmp_path / "rp.jsonl", progress=False)
+                            retriever_predictions=tmp_path / "rp.jsonl", progress=False, per_user=tmp_path / "u.csv")
     res = doc["results"]
+    # what is written is what is scored: the written lists, scored independently, give results.json's figures
+    from test_report import scorer
+
+    mod = scorer()
+    targets = mod.targets_of(tiny_run["name"])
+    assert mod.check(mod.score_file(tmp_path / "p.jsonl", targets), doc, "PALR (end to end)") == []
+    assert mod.check(mod.score_file(tmp_path / "rp.jsonl", targets), doc, "itemknn (retriever)") == []
+    # PALR against its retriever, on the same users, with CIs and a p-value; the per-user file agrees
+    comp = doc["comparisons"]["PALR (end to end) vs itemknn (retriever)"]["test"]["NDCG@10"]
+    assert comp["mean_a"] == pytest.approx(res["PALR (end to end)"]["test"]["NDCG@10"])
+    assert comp["diff_ci95"][0] <= comp["diff"] <= comp["diff_ci95"][1] and comp["p_value"] is not None
+    assert "PALR (target retrieved) vs itemknn (target retrieved)" in doc["comparisons"]
+    import pandas as pd
+
+    pu = pd.read_csv(tmp_path / "u.csv")
+    assert pu[pu["model"] == "PALR (end to end)"]["NDCG@10"].mean() == pytest.approx(comp["mean_a"])
     e2e = res["PALR (end to end)"]["test"]
     cond = res["PALR (target retrieved)"]["test"]
     assert e2e["HR@10"] <= e2e["Recall@20"] + 1e-12  # a retrieval miss is a miss

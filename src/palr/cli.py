@@ -103,13 +103,22 @@ def evaluate(dataset: str | None = typer.Option(None, "--dataset", "-d", help="D
                                                                    help="(PALR runs) the retriever's own predictions."),
              candidates: int = typer.Option(0, "--candidates", help="Also write each test user's top-N and its recall."),
              candidates_out: Path | None = typer.Option(None, "--candidates-out", help="Where to write candidates JSONL."),
-             seed: int = typer.Option(0, help="Random seed for retrievers fitted here."),
+             seed: int = typer.Option(0, help="Random seed for retrievers fitted here and for the order of ties."),
+             seeds: str | None = typer.Option(None, "--seeds", help="Comma-separated seeds (e.g. 0,1,2): fit and "
+                                                "evaluate once per seed; report mean ± sd."),
+             per_user: Path | None = typer.Option(None, "--per-user", help="Per-user test metrics CSV (every model)."),
+             baseline: str | None = typer.Option(None, "--baseline", help="The model the others are compared with "
+                                                 "(default: the first --retriever)."),
              data_dir: Path | None = DataDirOpt,
              user_col: str = UserColOpt, item_col: str = ItemColOpt, time_col: str = TimeColOpt,
              items_file: Path | None = ItemsFileOpt) -> None:
-    """Full-ranking leave-one-out evaluation on valid and test; writes results.json and predictions."""
+    """Full-ranking leave-one-out evaluation on valid and test; writes results.json and predictions; every model
+    is compared with the baseline on the same users (paired-bootstrap 95% CIs, p-value)."""
     from palr.evaluation import results_table
+    from palr.evaluation.report import comparisons_table, parse_seeds, seeds_table
 
+    if run is not None and seeds is not None:
+        raise PalrError("--seeds refits the retrievers: give --dataset and --retriever, not --run")
     if run is not None:
         from palr.runs import read_run
 
@@ -118,27 +127,36 @@ def evaluate(dataset: str | None = typer.Option(None, "--dataset", "-d", help="D
             from palr.pipeline import evaluate_palr_run
 
             doc = evaluate_palr_run(run, out=out, predictions=predictions, retriever_predictions=retriever_predictions,
-                                    data_dir=data_dir)
+                                    data_dir=data_dir, per_user=per_user)
         else:
             from palr.retrieval.train import evaluate_models, load_run
 
             cfg, model, split = load_run(run, data_dir)
             cands_path = candidates_out or (out.with_name("candidates.jsonl") if candidates else None)
-            doc = evaluate_models({cfg["config"]["retriever"]: model}, split, out, predictions, candidates, cands_path)
+            doc = evaluate_models({cfg["config"]["retriever"]: model}, split, out, predictions, candidates, cands_path,
+                                  seed=seed, per_user=per_user)
     else:
         if not dataset or not retriever:
             raise PalrError("give --run DIR, or --dataset NAME with --retriever NAME")
         from palr.data import load_split
-        from palr.retrieval.train import evaluate_models, fit_retriever
+        from palr.retrieval.train import evaluate_models, evaluate_seeds, fit_retriever
 
         split = load_split(dataset, data_dir, **user_file_options(user_col, item_col, time_col, items_file))
+        if seeds is not None:
+            doc = evaluate_seeds(retriever, split, parse_seeds(seeds), out, predictions, per_user, baseline, candidates)
+            console.print(seeds_table(doc["seed_summary"], "test"))
+            console.print(f"wrote {out}" + (" and one predictions file per seed" if predictions else ""))
+            return
         models, timings = {}, {}
         for name in retriever:
             models[name], fit_s = fit_retriever(name, split, seed=seed, progress=True)
             timings[f"{name}.fit_s"] = round(fit_s, 3)
         cands_path = candidates_out or (out.with_name("candidates.jsonl") if candidates else None)
-        doc = evaluate_models(models, split, out, predictions, candidates, cands_path, timings=timings)
+        doc = evaluate_models(models, split, out, predictions, candidates, cands_path, timings=timings, seed=seed,
+                              per_user=per_user, baseline=baseline)
     console.print(results_table(doc["results"], "test"))
+    if doc.get("comparisons"):
+        console.print(comparisons_table(doc["comparisons"], "test"))
     console.print(f"wrote {out}" + (f" and {predictions}" if predictions else ""))
 
 
@@ -314,6 +332,48 @@ def serve_cmd(run: Path = typer.Option(..., "--run", help="A PALR run (palr fine
     from palr.service import serve
 
     serve(run, host=host, port=port, data_dir=data_dir)
+
+
+@app.command("compare")
+def compare_cmd(a: Path = typer.Argument(..., help="The new model: a per-user CSV (--per-user) or a predictions JSONL."),
+                b: Path = typer.Argument(..., help="The baseline: a per-user CSV or a predictions JSONL."),
+                dataset: str | None = typer.Option(None, "--dataset", "-d", help="Data set the predictions are for "
+                                                   "(needed to score a predictions file)."),
+                stage: str = typer.Option("test", help="Targets of a predictions file: test or valid."),
+                a_model: str | None = typer.Option(None, "--a-model", help="The model in A (a per-user file with several)."),
+                b_model: str | None = typer.Option(None, "--b-model", help="The model in B (a per-user file with several)."),
+                k: list[int] | None = typer.Option(None, "--k", help="Cut-offs for predictions files (default 5, 10, 20)."),
+                n_boot: int = typer.Option(2000, "--n-boot", help="Bootstrap replicates."),
+                seed: int = typer.Option(0, help="Bootstrap seed."),
+                out: Path | None = typer.Option(None, "--out", "-o", help="Write the comparison as JSON here."),
+                as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+                data_dir: Path | None = DataDirOpt,
+                user_col: str = UserColOpt, item_col: str = ItemColOpt, time_col: str = TimeColOpt,
+                items_file: Path | None = ItemsFileOpt) -> None:
+    """Compare two models on the same users: paired-bootstrap 95% CIs of the difference and ratio, p-value."""
+    from palr.evaluation import DEFAULT_KS
+    from palr.evaluation.report import compare_sides, compare_table, load_side
+    from palr.runs import write_json
+
+    if stage not in ("test", "valid"):
+        raise PalrError(f"--stage must be test or valid, got {stage!r}")
+    ks = tuple(k or DEFAULT_KS)
+    split = None
+    if dataset is not None:
+        from palr.data import load_split
+
+        split = load_split(dataset, data_dir, **user_file_options(user_col, item_col, time_col, items_file))
+    doc = compare_sides(load_side(a, split, stage, a_model, ks), load_side(b, split, stage, b_model, ks),  # type: ignore[arg-type]
+                        n_boot=n_boot, seed=seed)
+    if out is not None:
+        write_json(out, doc)
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    console.print(compare_table(doc))
+    if doc["only_in_model"] or doc["only_in_baseline"]:
+        console.print(f"[yellow]note:[/yellow] compared on the {doc['users']} users in both files "
+                      f"({doc['only_in_model']} only in A, {doc['only_in_baseline']} only in B)")
 
 
 def _print_error(message: str) -> None:

@@ -31,6 +31,7 @@ def run_demo(dataset: str = "ml-100k", out: str | Path = "runs/demo", *, quick: 
              console: Console | None = None) -> dict[str, Any]:
     from palr.data import load_dataset
     from palr.evaluation import results_table
+    from palr.evaluation.report import comparisons_table
     from palr.finetune.run import finetune
     from palr.pipeline import PALR, evaluate_palr_run
     from palr.retrieval.train import train_run
@@ -61,6 +62,7 @@ def run_demo(dataset: str = "ml-100k", out: str | Path = "runs/demo", *, quick: 
     doc = evaluate_palr_run(prun, out=out / "results.json", predictions=out / "predictions.jsonl",
                             retriever_predictions=out / "retriever_predictions.jsonl", data_dir=data_dir)
     con.print(results_table(doc["results"], "test"))
+    con.print(comparisons_table(doc["comparisons"], "test"))
     t = doc["timings"]
     con.print(f"ranking: median {t['ranking_ms_per_user_median']:.1f} ms per user for "
               f"{doc['protocol']['candidates']} candidates (one forward pass); fusion weight "

@@ -19,6 +19,7 @@ import numpy as np
 from palr.data import Split, load_split
 from palr.errors import PalrError
 from palr.evaluation import DEFAULT_KS, evaluate_retriever, metrics_from_ranks, top_k
+from palr.evaluation.report import compare_ranks, statistics_protocol, write_per_user
 from palr.ranking import PromptBuilder, Ranker, positional_ranks
 from palr.retrieval.base import load_retriever
 from palr.runs import check_dataset, dataset_info, read_run, write_json
@@ -184,30 +185,43 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     timings = {"ranking_s": round(rank_s, 3), "ranking_ms_per_user_batched": round(1000 * rank_s / len(hist), 3),
                "ranking_ms_per_user_median": round(1000 * statistics.median(lat), 3),
                "latency_users": len(lat), "retriever_eval_s": round(retr["seconds"], 3)}
+    per_user_ranks = {f"{retr_name} (retriever)": {stage: retr["ranks"]}, "PALR (end to end)": {stage: ranks},
+                      "PALR (target retrieved)": {stage: ranks[hit]},
+                      f"{retr_name} (target retrieved)": {stage: retr["ranks"][hit]}}
     return {"results": results, "timings": timings, "order": order, "retriever_predictions": retr["predictions"][sel], "users": sel,
-            "llm_failures": int(failed_mask.sum()), "invalid_generations": invalid}
+            "targets": targets, "ranks": per_user_ranks, "llm_failures": int(failed_mask.sum()),
+            "invalid_generations": invalid}
 
 
 def evaluate_palr_run(run: str | Path, out: str | Path | None = None, predictions: str | Path | None = None,
                       retriever_predictions: str | Path | None = None, data_dir: str | Path | None = None,
-                      mode: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """`palr evaluate --run PALR_RUN`: the test split, retriever and PALR measured in one run."""
+                      mode: str | None = None, progress: bool = True,
+                      per_user: str | Path | None = None) -> dict[str, Any]:
+    """`palr evaluate --run PALR_RUN`: the test split, retriever and PALR measured in one run; PALR compared
+    with its retriever on the same users (paired-bootstrap 95% CIs of the difference and ratio, p-value)."""
     from palr.retrieval.train import write_predictions
 
     palr = PALR.load(run, data_dir, mode=mode)
     ev = evaluate_palr(palr, "test", progress=progress)
     split = palr.split
     if predictions:
-        write_predictions(predictions, split.dataset, ev["order"])
+        write_predictions(predictions, split.dataset, ev["order"], users=ev["users"])
     if retriever_predictions:
-        write_predictions(retriever_predictions, split.dataset, ev["retriever_predictions"])
+        write_predictions(retriever_predictions, split.dataset, ev["retriever_predictions"], users=ev["users"])
+    retr_name = palr.config["config"]["retriever"]["retriever"]
+    if per_user:
+        write_per_user(per_user, split.dataset, ev["users"], ev["targets"],
+                       {m: ev["ranks"][m]["test"] for m in ("PALR (end to end)", f"{retr_name} (retriever)")})
+    pairs = [("PALR (end to end)", f"{retr_name} (retriever)"),
+             ("PALR (target retrieved)", f"{retr_name} (target retrieved)")]
     doc = {"protocol": {**split.dataset.protocol, "ks": list(DEFAULT_KS),
                         "candidates": palr.ranking["n_candidates"],
                         "end_to_end": "a target the retriever did not return counts as a miss",
                         "fusion_weight": palr.ranking["weight"], "fusion": palr.ranking.get("fusion", "rank"),
                         "fusion_weight_chosen_on": "validation users",
                         "ranking_mode": palr.ranker.mode, "prompt_style": palr.ranking["style"]},
-           "dataset": dataset_info(split.dataset), "results": ev["results"], "timings": ev["timings"],
+           "dataset": dataset_info(split.dataset), "results": ev["results"],
+           "comparisons": compare_ranks(ev["ranks"], pairs), "statistics": statistics_protocol(), "timings": ev["timings"],
            "llm_failures": ev["llm_failures"], "invalid_generations": ev["invalid_generations"]}
     if out:
         write_json(out, doc)

@@ -123,21 +123,21 @@ def fuse(llm_logprobs: np.ndarray, weight: float, scores: np.ndarray | None = No
 
 
 def order_by(scores: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort candidates by score (desc), ties kept in retriever order (stable)."""
-    idx = np.argsort(-scores, axis=1, kind="stable")
+    """Sort candidates by score (desc, NaN = -inf), ties kept in retriever order (stable)."""
+    idx = np.argsort(-np.where(np.isnan(scores), -np.inf, scores), axis=1, kind="stable")
     return np.take_along_axis(candidates, idx, 1), np.take_along_axis(scores, idx, 1)
 
 
 def positional_ranks(fused: np.ndarray, candidates: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Pessimistic 1-based rank of each target among its candidates; a target not retrieved -> 10**9."""
-    ranks = np.full(len(targets), 10**9, dtype=np.int64)
-    for b in range(len(targets)):
-        hit = np.flatnonzero(candidates[b] == targets[b])
-        if len(hit):
-            j = hit[0]
-            others = np.delete(fused[b], j)
-            ranks[b] = 1 + int(np.sum(others >= fused[b, j]))
-    return ranks
+    """1-based rank of each target in the order :func:`order_by` gives (score desc, ties in candidate order),
+    so the rank is the target's position in the list written; a target not among the candidates -> 10**9."""
+    s = np.where(np.isnan(fused), -np.inf, np.asarray(fused, dtype=np.float64))  # (B, K)
+    hit = np.asarray(candidates) == np.asarray(targets)[:, None]  # (B, K)
+    found = hit.any(axis=1)
+    j = hit.argmax(axis=1)  # the target's column (first match)
+    t = s[np.arange(len(s)), j][:, None]  # (B, 1)
+    before = (s > t) | ((s == t) & (np.arange(s.shape[1])[None, :] < j[:, None]))
+    return np.where(found, before.sum(axis=1) + 1, 10**9).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------- the ranker

@@ -26,7 +26,8 @@ def protocol(min_count: int, ordered: bool) -> dict[str, Any]:
         "order": "file order (already chronological)" if ordered else "stable sort by timestamp; ties keep file order",
         "split": "leave-one-out: last = test, second-to-last = validation, rest = train",
         "ranking": "full ranking over all items; the user's history (everything before the target) is excluded",
-        "ties": "pessimistic: rank = 1 + number of other candidates scoring >= the target",
+        "ties": "equal scores in a seeded random order per user (never the item id); a target's rank is its "
+                "position in the lists written to predictions",
     }
 
 

@@ -14,8 +14,10 @@ from palr.evaluation.ranking import (
     evaluate_retriever,
     history_mask,
     pessimistic_ranks,
+    ranks_of_targets,
     results_table,
     score_batches,
+    tie_keys,
     top_k,
 )
 from palr.evaluation.stats import Comparison, compare_metrics, format_ratio, paired_bootstrap, summarize_seeds
@@ -23,5 +25,5 @@ from palr.evaluation.stats import Comparison, compare_metrics, format_ratio, pai
 __all__ = [
     "DEFAULT_KS", "Comparison", "compare_metrics", "evaluate_retriever", "format_ratio", "history_mask", "hit_rate",
     "metrics_from_ranks", "mrr", "ndcg", "paired_bootstrap", "per_user_metrics", "pessimistic_ranks",
-    "recall_of_candidates", "results_table", "score_batches", "summarize_seeds", "top_k",
+    "ranks_of_targets", "recall_of_candidates", "results_table", "score_batches", "summarize_seeds", "tie_keys", "top_k",
 ]

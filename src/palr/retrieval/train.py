@@ -19,7 +19,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from palr.data import Split, load_split
 from palr.data.dataset import Dataset, Stage
-from palr.evaluation import DEFAULT_KS, evaluate_retriever, score_batches, top_k
+from palr.evaluation import DEFAULT_KS, evaluate_retriever, score_batches, summarize_seeds, top_k
+from palr.evaluation.report import compare_ranks, comparison_pairs, statistics_protocol, write_per_user
 from palr.retrieval.base import Retriever, load_retriever, make_retriever, retriever_class
 from palr.runs import begin_run, check_dataset, dataset_info, finish_run, read_run, write_atomic, write_json
 
@@ -57,15 +58,15 @@ def candidates_for(model: Retriever, split: Split, stage: Stage, k: int = 50,
                    batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` candidates for every user's ``stage`` target, the history before it excluded.
 
-    Returns (items (U, k) int64 dense item indices, scores (U, k) float32), best first, ties broken by
-    item index; row u is user u of ``split`` (the target itself is never excluded).
+    Returns (items (U, k) int64 dense item indices, scores (U, k) float32), best first, ties in the seeded
+    random order of the evaluation (seed 0); row u is user u of ``split`` (the target itself is never excluded).
     """
     histories = split.histories(stage)
     k = min(k, split.n_items)
     items = np.empty((len(histories), k), dtype=np.int64)
     scores = np.empty((len(histories), k), dtype=np.float32)
     for sl, s in score_batches(model, histories, batch_size):
-        items[sl], scores[sl] = top_k(s, histories[sl], k)
+        items[sl], scores[sl] = top_k(s, histories[sl], k, users=np.arange(sl.start, sl.stop))
     return items, scores
 
 
@@ -138,16 +139,24 @@ def load_run(run: str | Path, data_dir: str | Path | None = None) -> tuple[dict[
 def evaluate_models(models: dict[str, Retriever], split: Split, out: str | Path | None = None,
                     predictions: str | Path | None = None, candidates: int = 0,
                     candidates_out: str | Path | None = None, ks: Sequence[int] = DEFAULT_KS,
-                    timings: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluate fitted retrievers on valid and test; write results.json and the first model's predictions."""
+                    timings: dict[str, Any] | None = None, progress: bool = True, *, seed: int = 0,
+                    per_user: str | Path | None = None, baseline: str | None = None) -> dict[str, Any]:
+    """Evaluate fitted retrievers on valid and test; write results.json, the first model's predictions and
+    (``per_user``) every model's per-user test metrics. Ties are broken in the random order of ``seed``, the
+    same in the metrics and in the written lists. Every model but the baseline (the first, unless named) is
+    compared with it on the same users: paired-bootstrap 95% CIs of the difference and ratio, and a p-value."""
+    pairs = comparison_pairs(list(models), baseline)
     results: dict[str, Any] = {}
+    ranks: dict[str, dict[str, np.ndarray]] = {}
     timings = dict(timings or {})
     for i, (name, model) in enumerate(models.items()):
         entry: dict[str, Any] = {}
+        ranks[name] = {}
         for stage in ("valid", "test"):
             r = evaluate_retriever(model, split, stage, ks, candidates=candidates if stage == "test" else 0,
-                                   predictions=max(max(ks), 10), progress=progress)
+                                   predictions=max(max(ks), 10), progress=progress, seed=seed)
             entry[stage] = r["metrics"]
+            ranks[name][stage] = r["ranks"]
             timings[f"{name}.{stage}_eval_s"] = round(r["seconds"], 3)
             if stage == "test" and i == 0:
                 if predictions:
@@ -155,9 +164,70 @@ def evaluate_models(models: dict[str, Retriever], split: Split, out: str | Path 
                 if candidates_out and candidates:
                     write_candidates(candidates_out, split.dataset, r["candidates"], r["candidate_scores"])
         results[name] = entry
-    doc = {"protocol": {**split.dataset.protocol, "ks": list(ks), "candidates": candidates or None,
+    if per_user:
+        write_per_user(per_user, split.dataset, np.arange(split.dataset.n_users), split.targets("test"),
+                       {name: r["test"] for name, r in ranks.items()}, ks)
+    doc = {"protocol": {**split.dataset.protocol, "ks": list(ks), "candidates": candidates or None, "tie_seed": seed,
                         "retrievers_fit_on": "train split only (valid and test items never seen in fit)"},
-           "dataset": dataset_info(split.dataset), "results": results, "timings": timings}
+           "dataset": dataset_info(split.dataset), "results": results,
+           "comparisons": compare_ranks(ranks, pairs, ks), "statistics": statistics_protocol(),
+           "timings": timings}
+    if out:
+        write_json(out, doc)
+    return doc
+
+
+def with_seed(path: str | Path | None, seed: int) -> Path | None:
+    """predictions.jsonl -> predictions.seed3.jsonl (one file per seed)."""
+    if path is None:
+        return None
+    p = Path(path)
+    return p.with_name(f"{p.stem}.seed{seed}{p.suffix}")
+
+
+def evaluate_seeds(names: Sequence[str], split: Split, seeds: Sequence[int], out: str | Path | None = None,
+                   predictions: str | Path | None = None, per_user: str | Path | None = None,
+                   baseline: str | None = None, candidates: int = 0, ks: Sequence[int] = DEFAULT_KS,
+                   progress: bool = True) -> dict[str, Any]:
+    """Fit and evaluate each retriever once per seed (the seed of the model and of the tie order).
+
+    ``results`` holds the mean over seeds, ``seed_summary`` mean / sd / n of every figure, ``by_seed`` each
+    seed's results and comparisons (those of its own ``*.seedN.*`` predictions and per-user files), and
+    ``comparisons_over_seeds`` the mean / sd over seeds of each comparison's difference and ratio.
+    """
+    if not seeds:
+        raise ValueError("evaluate_seeds needs at least one seed")
+    by_seed: dict[str, Any] = {}
+    for s in seeds:
+        models, timings = {}, {}
+        for name in names:
+            models[name], fit_s = fit_retriever(name, split, seed=s, progress=progress)
+            timings[f"{name}.fit_s"] = round(fit_s, 3)
+        doc = evaluate_models(models, split, None, with_seed(predictions, s), candidates, None, ks, timings, progress,
+                              seed=s, per_user=with_seed(per_user, s), baseline=baseline)
+        by_seed[str(s)] = {k: doc[k] for k in ("results", "comparisons", "timings")}
+    runs = list(by_seed.values())
+    summary: dict[str, Any] = {}
+    for m, stages in runs[0]["results"].items():
+        summary[m] = {st: {k: summarize_seeds([r["results"][m][st][k] for r in runs])
+                           for k, v in metrics.items() if isinstance(v, float)} for st, metrics in stages.items()}
+    over: dict[str, Any] = {}
+    for c, entry in runs[0]["comparisons"].items():
+        over[c] = {"model": entry["model"], "baseline": entry["baseline"]}
+        for st in ("valid", "test"):
+            over[c][st] = {k: {f: summarize_seeds([r["comparisons"][c][st][k][f] for r in runs
+                                                   if r["comparisons"][c][st][k][f] is not None])
+                               for f in ("diff", "ratio") if runs[0]["comparisons"][c][st][k][f] is not None}
+                           for k in entry[st]}
+    doc = {"protocol": {**split.dataset.protocol, "ks": list(ks), "candidates": candidates or None,
+                        "seeds": list(seeds), "results": "mean over seeds (seed_summary: mean, sd, n; by_seed: each "
+                                                         "seed's figures, those of its *.seedN.* files)",
+                        "retrievers_fit_on": "train split only (valid and test items never seen in fit)"},
+           "dataset": dataset_info(split.dataset),
+           "results": {m: {st: {**{k: v["mean"] for k, v in ms.items()}, "users": runs[0]["results"][m][st]["users"]}
+                           for st, ms in stages.items()} for m, stages in summary.items()},
+           "seed_summary": summary, "comparisons_over_seeds": over, "statistics": statistics_protocol(),
+           "by_seed": by_seed}
     if out:
         write_json(out, doc)
     return doc
