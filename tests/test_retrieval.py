@@ -26,7 +26,7 @@ FAST: dict[str, dict[str, Any]] = {
     "sasrec": {"hidden": 32, "layers": 1, "heads": 2, "max_len": 20, "epochs": 12, "patience": 4,
                "batch_size": 64, "lr": 3e-3, "dropout": 0.1},
     "als": {"factors": 16, "iterations": 5},
-    "bpr": {"factors": 16, "iterations": 20},
+    "bpr": {"factors": 16, "iterations": 20, "learning_rate": 0.05},  # lr 0.01 trails popularity on this data
     "text": {},
 }
 NEEDS_EXTRA = {"text": text_model_available}
