@@ -32,3 +32,12 @@ def data_dir_real() -> Path:
     if d is None:
         pytest.skip("real data sets need PALR_DATA_DIR (e.g. ../shared/data)")
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_ml100k_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny evaluated PALR run on a synthetic ml-100k-format data set (see tests/tiny_runs.py)."""
+    pytest.importorskip("transformers")
+    from tiny_runs import build_tiny_run
+
+    return build_tiny_run(tmp_path_factory.mktemp("tiny_ml100k"))

@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from enum import Enum
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from palr.errors import PalrError
+from palr.errors import InputError, PalrError
+
+
+class RankMode(str, Enum):
+    verbalizer = "verbalizer"
+    generative = "generative"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="PALR: profile, retrieve and rank with LLMs, evaluated honestly.")
@@ -287,18 +293,22 @@ def finetune_cmd(run: Path = typer.Option(..., "--run", help="A retriever run (p
 def recommend_cmd(run: Path = typer.Option(..., "--run", help="A PALR run (palr finetune)."),
                   user: str | None = typer.Option(None, "--user", "-u", help="Original user id."),
                   history: str | None = typer.Option(None, "--history", help="Comma-separated original item ids."),
-                  k: int = typer.Option(10, "--k", help="How many items."),
+                  k: int = typer.Option(10, "--k", min=1, help="How many items (1 to the run's candidate count)."),
                   explain: bool = typer.Option(False, "--explain", help="One sentence per item."),
-                  mode: str | None = typer.Option(None, "--mode", help="verbalizer or generative (default: the run's)."),
+                  mode: RankMode | None = typer.Option(None, "--mode", help="Ranking mode (default: the run's)."),
                   as_json: bool = typer.Option(False, "--json", help="Print JSON."),
                   data_dir: Path | None = DataDirOpt) -> None:
-    """Recommend for a known user or a given history: profile, ranked items, explanations."""
+    """Recommend for a known user or a given history (not both): profile, ranked items, explanations."""
     from rich.markup import escape
 
     from palr.pipeline import PALR
 
+    if (user is None) == (history is None):
+        raise InputError("give --user ID or --history ID,ID,... (not both)" if user is not None else
+                         "give --user ID or --history ID,ID,...")
     hist = [h.strip() for h in history.split(",") if h.strip()] if history is not None else None
-    rec = PALR.load(run, data_dir, mode=mode).recommend(user=user, history=hist, k=k, explain=explain)
+    palr = PALR.load(run, data_dir, mode=mode.value if mode else None)
+    rec = palr.recommend(user=user, history=hist, k=k, explain=explain)
     if as_json:
         print(json.dumps(rec.to_dict(), indent=2))
         return
@@ -327,11 +337,21 @@ def demo_cmd(dataset: str = typer.Option("ml-100k", "--dataset", "-d", help="Dat
 def serve_cmd(run: Path = typer.Option(..., "--run", help="A PALR run (palr finetune)."),
               host: str = typer.Option("127.0.0.1", help="Interface to bind."),
               port: int = typer.Option(8000, help="TCP port."),
+              token: str | None = typer.Option(None, "--token", envvar="PALR_TOKEN", show_envvar=True,
+                                               help="Bearer token the API requires (default: none, open)."),
+              cors_origin: list[str] | None = typer.Option(None, "--cors-origin",
+                                                           help="An origin allowed by CORS (repeatable; default: off)."),
+              max_body: int = typer.Option(256 * 1024, "--max-body", help="Request body limit in bytes (413)."),
+              max_concurrent: int = typer.Option(4, "--max-concurrent", min=1, help="Requests computed at once."),
+              max_queue: int = typer.Option(64, "--max-queue", min=0,
+                                            help="Requests waiting for a slot; more get 503."),
               data_dir: Path | None = DataDirOpt) -> None:
-    """HTTP service: POST /recommend {"user": ID} or {"history": [...]}, GET /health."""
-    from palr.service import serve
+    """Web page at / and JSON API: GET /items?q=, GET /users/ID, POST /recommend (docs at /docs)."""
+    from palr.service import ServiceConfig, serve
 
-    serve(run, host=host, port=port, data_dir=data_dir)
+    cfg = ServiceConfig(host=host, port=port, token=token, cors_origins=list(cors_origin or []),
+                        max_body_bytes=max_body, max_concurrent=max_concurrent, max_queue=max_queue)
+    serve(run, cfg, data_dir=data_dir)
 
 
 @app.command("compare")

@@ -26,3 +26,12 @@ class MissingDataError(PalrError):
 
 class RunError(PalrError):
     """A run directory is missing, incomplete, or belongs to another data set or version."""
+
+
+class InputError(PalrError):
+    """A request is invalid (out-of-range ``k``, too long a history, user and history together, ...):
+    exit 2 on the command line, 422 in the HTTP service."""
+
+
+class UnknownUserError(PalrError):
+    """A user id the run's data set does not hold (404 in the HTTP service)."""

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from palr.data import Split, load_split
-from palr.errors import PalrError
+from palr.errors import InputError, UnknownUserError
 from palr.evaluation import DEFAULT_KS, evaluate_retriever, metrics_from_ranks, top_k
 from palr.evaluation.report import compare_ranks, statistics_protocol, write_per_user
 from palr.ranking import PromptBuilder, Ranker, positional_ranks
@@ -25,6 +25,15 @@ from palr.retrieval.base import load_retriever
 from palr.runs import check_dataset, dataset_info, read_run, write_json
 
 log = logging.getLogger(__name__)
+MAX_USER_ID = 256  # characters of a user id (CLI and HTTP service alike)
+MAX_HISTORY = 2000  # item ids in a given history
+MAX_ITEM_ID = 128  # characters of an item id
+MODES = ("verbalizer", "generative")
+
+
+def short(text: str, n: int = 40) -> str:
+    """``text`` cut to ``n`` characters (messages never echo large input)."""
+    return text if len(text) <= n else text[:n] + f"...(+{len(text) - n:,} chars)"
 
 
 @dataclass
@@ -54,6 +63,8 @@ class PALR:
         from palr.finetune.run import read_ranking
         from palr.llm.hf import HFLLM
 
+        if mode is not None and mode not in MODES:
+            raise InputError(f"unknown ranking mode {short(mode)!r}: choose {' or '.join(MODES)}")
         run = Path(run)
         cfg = read_run(run, "palr")
         split = load_split(cfg["dataset"]["name"], data_dir or cfg["config"].get("data_dir") or None)
@@ -81,26 +92,57 @@ class PALR:
         return top_k(self.retriever.score(list(histories)), histories, self.ranking["n_candidates"])
 
     def resolve_history(self, user: str | None, history: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
+        """Dense item indices of a known user's whole history or of the given item ids (unknown ids and
+        repeats dropped, with a note); refuses both or neither, an over-long user id or history."""
         notes: list[str] = []
+        if (user is None) == (history is None):
+            raise InputError("give a user id or a history, not both" if user is not None else
+                             "give a user id or a history")
         if history is not None:
-            known = [self.catalog.index_of(h) for h in history if self.catalog.has(h)]
-            unknown = [h for h in history if not self.catalog.has(h)]
+            if len(history) > MAX_HISTORY:
+                raise InputError(f"a history holds at most {MAX_HISTORY:,} item ids, got {len(history):,}")
+            known: list[int] = []
+            seen: set[int] = set()
+            unknown: list[str] = []
+            for h in history:
+                if self.catalog.has(h):
+                    i = self.catalog.index_of(h)
+                    if i not in seen:
+                        seen.add(i)
+                        known.append(i)
+                else:
+                    unknown.append(h)
             if unknown:
-                notes.append(f"unknown item ids ignored: {', '.join(unknown[:10])}")
+                shown = ", ".join(short(u, 20) for u in unknown[:5])
+                notes.append(f"{len(unknown):,} unknown item id(s) ignored" +
+                             (f" (first 5: {shown})" if len(unknown) > 5 else f": {shown}"))
+            if len(known) < sum(1 for h in history if self.catalog.has(h)):
+                notes.append("repeated item ids counted once")
             return np.asarray(known, dtype=np.int64), notes
-        if user is None:
-            raise PalrError("give a user id or a history")
+        assert user is not None
+        if len(user) > MAX_USER_ID:
+            raise InputError(f"a user id has at most {MAX_USER_ID} characters, got {len(user):,}")
         try:
             u = self.split.dataset.user_index(user)
         except KeyError:
-            raise PalrError(f"unknown user {user!r} in {self.split.dataset.name}; pass --history ID,ID,... "
-                            "to recommend for a new user") from None
+            raise UnknownUserError(f"unknown user {short(user, 40)!r} in {self.split.dataset.name}; give a history "
+                                   "of item ids to recommend for a new user") from None
         return self.split.dataset.sequences[u], notes  # everything the user did
+
+    @property
+    def max_k(self) -> int:
+        """The most items one recommendation can hold: the candidate count (capped by the catalogue)."""
+        return int(min(self.ranking["n_candidates"], self.split.n_items))
 
     # -------------------------------------------------------------------- recommend
     def recommend(self, user: str | None = None, history: Sequence[str] | None = None, k: int = 10,
                   explain: bool = False) -> Recommendation:
-        """Top-k items for a known user (their whole history) or for a given history of item ids."""
+        """Top-k items for a known user (their whole history) or for a given history of item ids.
+
+        ``k`` runs from 1 to :attr:`max_k`; a history that leaves fewer than ``k`` unseen items gives fewer, with a
+        note. Invalid input raises :class:`InputError`, an unknown user :class:`UnknownUserError`."""
+        if not 1 <= k <= self.max_k:
+            raise InputError(f"k must be between 1 and {self.max_k} (the candidate count), got {k}")
         hist, notes = self.resolve_history(user, history)
         if len(hist) == 0:
             notes.append("empty or unknown history: falling back to popularity")
@@ -108,7 +150,13 @@ class PALR:
             order = np.lexsort((np.arange(len(counts)), -counts))[:k]
             items = [self._item(i, float(counts[i]), r + 1) for r, i in enumerate(order)]
             return Recommendation(user, "no history", items, notes)
-        cands, cscores = self.candidates([hist])
+        left = self.split.n_items - len(np.unique(hist))
+        if left < self.ranking["n_candidates"]:
+            notes.append(f"the history covers {self.split.n_items - left:,} of the {self.split.n_items:,} items: "
+                         f"{left:,} unseen item(s) left to rank")
+        if left == 0:
+            return Recommendation(user, self.profile_text(hist) or "", [], notes)
+        cands, cscores = top_k(self.retriever.score([hist]), [hist], min(self.ranking["n_candidates"], left))
         profile = self.profile_text(hist)
         res = self.ranker.rank([hist], [profile], cands, cscores)
         if res.failed[0]:
@@ -123,6 +171,29 @@ class PALR:
                                                      profile, getattr(self.retriever, "item_vectors", None))):
                 it["explanation"] = text
         return Recommendation(user, profile or "", items, notes)
+
+    # -------------------------------------------------------------------- catalogue
+    @property
+    def popularity(self) -> np.ndarray:
+        """(n_items,) interactions per item in the training split (computed once)."""
+        if getattr(self, "_popularity", None) is None:
+            self._popularity = np.bincount(np.concatenate(self.split.train), minlength=self.split.n_items)
+        return self._popularity
+
+    def search(self, query: str, limit: int = 20) -> tuple[int, list[int]]:
+        """Items whose title holds every word of ``query`` (case-insensitive), most popular first.
+        Returns (number of matches, the first ``limit`` item indices)."""
+        words = query.lower().split()
+        if getattr(self, "_lower_titles", None) is None:
+            self._lower_titles = [t.lower() for t in self.catalog.titles]
+        hits = [i for i, t in enumerate(self._lower_titles) if all(w in t for w in words)]
+        pop = self.popularity
+        hits.sort(key=lambda i: (-int(pop[i]), self.catalog.titles[i], i))
+        return len(hits), hits[:limit]
+
+    def user_history(self, user: str) -> np.ndarray:
+        """A known user's whole history (dense item indices, oldest first)."""
+        return self.resolve_history(user, None)[0]
 
     def _item(self, i: int, score: float, retriever_rank: int) -> dict[str, Any]:
         return {"item": self.catalog.item_ids[i], "title": self.catalog.titles[i], "score": round(score, 5),
@@ -225,7 +296,26 @@ def evaluate_palr_run(run: str | Path, out: str | Path | None = None, prediction
            "llm_failures": ev["llm_failures"], "invalid_generations": ev["invalid_generations"]}
     if out:
         write_json(out, doc)
+    save_test_evaluation(Path(run), doc, ev, retr_name)
     return doc
+
+
+def save_test_evaluation(run: Path, doc: dict[str, Any], ev: dict[str, Any], retriever_name: str) -> None:
+    """Keep the test evaluation in the run (``test_results.json`` + per-user ranks in ``test_ranks.npz``) for
+    ``palr report`` and the model card. Ranks: retriever = full ranking, PALR = end to end (10**9 = not retrieved)."""
+    import os
+    import tempfile
+
+    from palr.model_card import write_model_card
+
+    write_json(run / "test_results.json", doc)
+    fd, tmp = tempfile.mkstemp(dir=run, prefix=".test_ranks.", suffix=".npz")
+    os.close(fd)
+    np.savez_compressed(tmp, users=np.asarray(ev["users"], dtype=np.int64), targets=np.asarray(ev["targets"]),
+                        palr=np.asarray(ev["ranks"]["PALR (end to end)"]["test"], dtype=np.int64),
+                        retriever=np.asarray(ev["ranks"][f"{retriever_name} (retriever)"]["test"], dtype=np.int64))
+    os.replace(tmp, run / "test_ranks.npz")
+    write_model_card(run)
 
 
 __all__ = ["PALR", "Recommendation", "evaluate_palr", "evaluate_palr_run"]

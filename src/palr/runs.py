@@ -104,6 +104,9 @@ def finish_run(out: Path, kind: str, dataset: Dataset, config: dict[str, Any],
     if metrics is not None:
         write_json(out / "metrics.json", metrics)
     write_json(out / "run.json", {"format": RUN_FORMAT, "kind": kind, "palr": __version__, "complete": True})
+    from palr.model_card import write_model_card  # the card reads the files just written
+
+    write_model_card(out)
 
 
 def read_run(directory: str | Path, kind: str | None = None) -> dict[str, Any]:

@@ -49,10 +49,14 @@ def _trainer_class() -> Any:
         palr_cfg: FinetuneConfig
         palr_valid: ValidationSet
         palr_builder: PromptBuilder
+        palr_losses: list[float]  # training loss of every batch (the run's training curve)
+        palr_curve: list[dict[str, float]]  # per evaluation: epoch, mean training loss since the last, NDCG@10
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
             loss = palr_loss(model, inputs, self.palr_cfg.listwise_weight)
+            if model.training:
+                self.palr_losses.append(float(loss.detach()))
             return (loss, None) if return_outputs else loss
 
         def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
@@ -67,6 +71,11 @@ def _trainer_class() -> Any:
             if was_training:
                 model.train()
             metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in m.items() if k != "fusion"}
+            done = sum(int(c["batches"]) for c in self.palr_curve)
+            since = self.palr_losses[done:]
+            self.palr_curve.append({"epoch": round(float(self.state.epoch or 0.0), 3), "batches": len(since),
+                                    "train_loss": round(float(np.mean(since)), 5) if since else float("nan"),
+                                    **{f"valid_{k}": round(float(v), 5) for k, v in m.items() if k != "fusion"}})
             self.log(metrics)
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             return metrics
@@ -138,6 +147,7 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
     trainer = trainer_cls(model=model, args=args, train_dataset=rows, eval_dataset=rows[:1],
                           data_collator=lambda b: collate(b, tok.pad_token_id), processing_class=tok)
     trainer.palr_cfg, trainer.palr_valid, trainer.palr_builder = cfg, vs, builder
+    trainer.palr_losses, trainer.palr_curve = [], []
     last = _last_checkpoint(ckpt) if resume else None
     if last:
         log.info("resuming from %s", last)
@@ -165,7 +175,9 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
                "profiles": cfg.profiles, "base_model": cfg.base_model,
                "llm_dir": llm_dir.name, "lora": bool(cfg.lora_r and cfg.base_model != "mini")}
     write_json(out / "ranking.json", ranking)
-    metrics = {"valid": final, "valid_per_epoch": history, "pretrain_losses": pre_losses, "train_records": len(rows),
+    metrics = {"valid": final, "valid_per_epoch": history, "pretrain_losses": pre_losses,
+               "curve": trainer.palr_curve, "train_loss_steps": downsample(trainer.palr_losses),
+               "train_records": len(rows),
                "train_contexts": len(ex), "seconds": round(time.perf_counter() - t_start, 1)}
     shutil.rmtree(ckpt, ignore_errors=True)  # the best weights are saved; checkpoints were for resuming
     config = {"finetune": {**asdict(cfg), "examples": asdict(cfg.examples)}, "retriever_run": str(retriever_run),
@@ -174,6 +186,14 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
     log.info("PALR run %s: valid NDCG@10 fused %.4f (LLM %.4f, retriever %.4f, weight %s)", out,
              final["ndcg@10"], final["ndcg@10_llm"], final["ndcg@10_retriever"], final["weight"])
     return out
+
+
+def downsample(values: list[float], points: int = 200) -> list[list[float]]:
+    """[[batch, mean loss of the batches up to the next point], ...]: at most ``points`` points of a loss curve."""
+    if not values:
+        return []
+    step = max(1, -(-len(values) // points))
+    return [[float(b + 1), round(float(np.mean(values[b:b + step])), 5)] for b in range(0, len(values), step)]
 
 
 def _last_checkpoint(ckpt: Path) -> Path | None:
