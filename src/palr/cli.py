@@ -333,6 +333,20 @@ def demo_cmd(dataset: str = typer.Option("ml-100k", "--dataset", "-d", help="Dat
     run_demo(dataset, out, quick=quick, data_dir=data_dir, seed=seed, console=console)
 
 
+@app.command("report")
+def report_cmd(runs: list[Path] = typer.Argument(..., help="Run directories (PALR or retriever runs, or a demo "
+                                                   "folder)."),
+               out: Path = typer.Option(Path("report.html"), "--out", "-o", help="The HTML file to write."),
+               examples: int = typer.Option(3, "--examples", min=0, help="Example users per PALR run."),
+               seed: int = typer.Option(0, help="Seed of the bootstrap resampling."),
+               data_dir: Path | None = DataDirOpt) -> None:
+    """One self-contained HTML report: curves, test metrics with CIs, segments, recall ceiling, examples."""
+    from palr.report import write_report
+
+    path = write_report(list(runs), out, data_dir=data_dir, n_examples=examples, seed=seed)
+    console.print(f"wrote {path.resolve()}")
+
+
 @app.command("serve")
 def serve_cmd(run: Path = typer.Option(..., "--run", help="A PALR run (palr finetune)."),
               host: str = typer.Option("127.0.0.1", help="Interface to bind."),

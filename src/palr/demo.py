@@ -79,6 +79,10 @@ def run_demo(dataset: str = "ml-100k", out: str | Path = "runs/demo", *, quick: 
                          f"{it['retriever_rank']})[/dim]\n   {escape(it.get('explanation', ''))}")
         con.print(Panel("\n".join(lines), title=f"user {escape(user)}", expand=False))
     (out / "examples.json").write_text(json.dumps(examples, indent=2))
+    from palr.report import write_report
+
+    report = write_report([prun], out / "report.html", data_dir=data_dir, n_examples=users, seed=seed)
     con.print(f"done in {time.perf_counter() - t0:.0f} s; everything is in {out}/ "
-              f"(retriever/, palr/, results.json, predictions.jsonl, examples.json)")
+              f"(retriever/, palr/, results.json, predictions.jsonl, examples.json, report.html)")
+    con.print(f"report: {report.resolve()}")
     return doc

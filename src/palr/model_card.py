@@ -49,13 +49,13 @@ def model_card(run: str | Path) -> str:
     else:
         title = f"{conf.get('retriever', '?')} retriever on {ds['name']}"
     lines = [f"# palr run: {title}", "",
-             f"A `{kind}` run written by palr {cfg.get('versions', {}).get('palr', '?')}. This card is generated from "
-             "the run's `config.json`, `metrics.json` and, once the run is evaluated, `test_results.json`.", "",
+             (f"A `{kind}` run written by palr {cfg.get('versions', {}).get('palr', '?')}. This card is generated "
+              "from the run's `config.json`, `metrics.json` and, once the run is evaluated, `test_results.json`."), "",
              "## Data", "",
-             f"- data set: `{ds['name']}`: {ds['users']:,} users, {ds['items']:,} items, "
-             f"{ds['interactions']:,} interactions after preprocessing",
-             f"- fingerprint (sha256 of the preprocessed sequences and id maps): `{ds['fingerprint']}`; loading the run "
-             "on other data is refused",
+             (f"- data set: `{ds['name']}`: {ds['users']:,} users, {ds['items']:,} items, "
+              f"{ds['interactions']:,} interactions after preprocessing"),
+             (f"- fingerprint (sha256 of the preprocessed sequences and id maps): `{ds['fingerprint']}`; loading the "
+              "run on other data is refused"),
              "- the data set has its own licence (GroupLens terms, Amazon research use); it is not part of the run", "",
              "## Protocol", ""]
     lines += [f"- **{k}**: {v}" for k, v in cfg.get("protocol", {}).items()]
@@ -76,13 +76,13 @@ def model_card(run: str | Path) -> str:
                   f'palr = PALR.load("{run}")          # the data set must be in the data directory',
                   'rec = palr.recommend(user="<user id>", k=10, explain=True)   # or history=["<item id>", ...]',
                   "```", "",
-                  f"Command line: `palr recommend --run {run} --user ID --explain`, `palr serve --run {run}`, "
-                  f"`palr report {run} --out report.html`."]
+                  (f"Command line: `palr recommend --run {run} --user ID --explain`, `palr serve --run {run}`, "
+                   f"`palr report {run} --out report.html`.")]
     else:
         lines += ["```python", "from palr.retrieval.train import load_run", "",
                   f'config, retriever, split = load_run("{run}")', "scores = retriever.score(split.histories(\"test\"))",
-                  "```", "", f"Command line: `palr evaluate --run {run} --out results.json`, "
-                  f"`palr finetune --run {run} --out PALR_RUN`."]
+                  "```", "", (f"Command line: `palr evaluate --run {run} --out results.json`, "
+                              f"`palr finetune --run {run} --out PALR_RUN`.")]
     lines += ["", "## Files", "",
               "`run.json` (written last: the run is complete), `config.json`, `metrics.json`, `README.md` (this card)"
               + (", `ranking.json`, `llm/` or `adapter/` (the fine-tuned model), `retriever/`, `instructions.jsonl`"

@@ -117,7 +117,8 @@ def _clean_errors(errors: Any) -> list[dict[str, Any]]:
 def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
                config: ServiceConfig | None = None) -> Any:
     """A FastAPI app serving one PALR run (``run`` may also be an already loaded ``PALR``)."""
-    from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
+    from fastapi import Depends, FastAPI, HTTPException, Query, Request
+    from fastapi import Path as PathParam
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
 
