@@ -37,6 +37,19 @@ def user_file_options(user_col: str, item_col: str, time_col: str, items_file: P
     return {"user_col": user_col, "item_col": item_col, "time_col": time_col or None, "items_file": items_file}
 
 
+RunArgHelp = "The input run directory (same as --run; the form that `torchrun`/`accelerate launch` pass through)."
+
+
+def input_run(positional: Path | None, option: Path | None, required: bool = True) -> Path | None:
+    """The input run given positionally or as --run (launchers' parsers take --run for their own --run-path)."""
+    if positional is not None and option is not None and positional != option:
+        raise PalrError(f"two input runs given: {positional} and --run {option}; give one")
+    run = positional if positional is not None else option
+    if run is None and required:
+        raise PalrError("give the input run: palr COMMAND RUN_DIR ... (or --run RUN_DIR)")
+    return run
+
+
 def parse_params(pairs: list[str] | None) -> dict[str, object]:
     """--param key=value pairs -> dict with JSON-typed values (numbers, booleans) where they parse."""
     out: dict[str, object] = {}
@@ -100,7 +113,8 @@ def train(dataset: str = DatasetOpt,
 
 
 @app.command("evaluate")
-def evaluate(dataset: str | None = typer.Option(None, "--dataset", "-d", help="Data set (with --retriever)."),
+def evaluate(run_arg: Path | None = typer.Argument(None, metavar="[RUN]", help=RunArgHelp),
+             dataset: str | None = typer.Option(None, "--dataset", "-d", help="Data set (with --retriever)."),
              retriever: list[str] | None = typer.Option(None, "--retriever", "-r", help="Retriever(s) fitted on the train split."),
              run: Path | None = typer.Option(None, "--run", help="A saved run directory (no retraining)."),
              out: Path = typer.Option(Path("results.json"), "--out", "-o", help="results.json path."),
@@ -119,12 +133,17 @@ def evaluate(dataset: str | None = typer.Option(None, "--dataset", "-d", help="D
              user_col: str = UserColOpt, item_col: str = ItemColOpt, time_col: str = TimeColOpt,
              items_file: Path | None = ItemsFileOpt) -> None:
     """Full-ranking leave-one-out evaluation on valid and test; writes results.json and predictions; every model
-    is compared with the baseline on the same users (paired-bootstrap 95% CIs, p-value)."""
+    is compared with the baseline on the same users (paired-bootstrap 95% CIs, p-value).
+
+    Under `torchrun`/`accelerate launch` the users are split across the processes and gathered (same figures)."""
+    from palr import distributed
     from palr.evaluation import results_table
     from palr.evaluation.report import comparisons_table, parse_seeds, seeds_table
 
+    run = input_run(run_arg, run, required=False)
     if run is not None and seeds is not None:
         raise PalrError("--seeds refits the retrievers: give --dataset and --retriever, not --run")
+    distributed.init()
     if run is not None:
         from palr.runs import read_run
 
@@ -150,6 +169,8 @@ def evaluate(dataset: str | None = typer.Option(None, "--dataset", "-d", help="D
         split = load_split(dataset, data_dir, **user_file_options(user_col, item_col, time_col, items_file))
         if seeds is not None:
             doc = evaluate_seeds(retriever, split, parse_seeds(seeds), out, predictions, per_user, baseline, candidates)
+            if doc is None:
+                return
             console.print(seeds_table(doc["seed_summary"], "test"))
             console.print(f"wrote {out}" + (" and one predictions file per seed" if predictions else ""))
             return
@@ -160,6 +181,8 @@ def evaluate(dataset: str | None = typer.Option(None, "--dataset", "-d", help="D
         cands_path = candidates_out or (out.with_name("candidates.jsonl") if candidates else None)
         doc = evaluate_models(models, split, out, predictions, candidates, cands_path, timings=timings, seed=seed,
                               per_user=per_user, baseline=baseline)
+    if doc is None:  # not the main process: its users were gathered there
+        return
     console.print(results_table(doc["results"], "test"))
     if doc.get("comparisons"):
         console.print(comparisons_table(doc["comparisons"], "test"))
@@ -253,7 +276,8 @@ def model_serve(spec: str = typer.Argument(..., help="mini:DIR, hf:ID_OR_PATH or
 # ---------------------------------------------------------------------------- entry point
 # ---- PALR core commands (issue 5) -------------------------------------------------------------------
 @app.command("finetune")
-def finetune_cmd(run: Path = typer.Option(..., "--run", help="A retriever run (palr train)."),
+def finetune_cmd(run_arg: Path | None = typer.Argument(None, metavar="RUN", help=RunArgHelp),
+                 run: Path | None = typer.Option(None, "--run", help="A retriever run (palr train)."),
                  out: Path = typer.Option(..., "--out", "-o", help="PALR run directory to create."),
                  base_model: str = typer.Option("mini", "--base-model", help="mini, or a local path / HF id."),
                  lora: str | None = typer.Option(None, "--lora", help="r,alpha for LoRA (pretrained models; default 8,16)."),
@@ -272,7 +296,10 @@ def finetune_cmd(run: Path = typer.Option(..., "--run", help="A retriever run (p
                  mini_dim: int = typer.Option(64, help="Mini model: hidden size."),
                  seed: int = typer.Option(0, help="Random seed."),
                  data_dir: Path | None = DataDirOpt) -> None:
-    """Instruction fine-tuning of the ranking LLM over a retriever run (full for mini, LoRA otherwise)."""
+    """Instruction fine-tuning of the ranking LLM over a retriever run (full for mini, LoRA otherwise).
+
+    Runs data-parallel under `torchrun --nproc_per_node N -m palr.cli finetune RUN ...` or `accelerate launch`."""
+    from palr import distributed
     from palr.finetune.data import ExampleConfig
     from palr.finetune.run import finetune
     from palr.finetune.train import FinetuneConfig
@@ -283,7 +310,9 @@ def finetune_cmd(run: Path = typer.Option(..., "--run", help="A retriever run (p
     cfg = FinetuneConfig(base_model=base_model, lora_r=r, lora_alpha=a, epochs=epochs, lr=lr, batch_size=batch_size,
                          tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), valid_users=valid_users,
                          examples=ex, profiles=profiles, mini_layers=mini_layers, mini_dim=mini_dim, seed=seed)
-    path = finetune(run, out, cfg, data_dir=data_dir)
+    path = finetune(input_run(run_arg, run), out, cfg, data_dir=data_dir, progress=distributed.is_main())
+    if not distributed.is_main():
+        return
     m = json.loads((path / "metrics.json").read_text())["valid"]
     console.print(f"saved PALR run {path}; valid NDCG@10 {m['ndcg@10']:.4f} (LLM alone {m['ndcg@10_llm']:.4f}, "
                   f"retriever {m['ndcg@10_retriever']:.4f}, fusion weight {m['weight']})")

@@ -7,6 +7,7 @@ items with scores and, with ``explain``, one grounded sentence per item.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -202,42 +203,55 @@ class PALR:
 
 # ---------------------------------------------------------------------------- evaluation
 def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_KS, progress: bool = True,
-                  latency_users: int = 100, users: np.ndarray | None = None) -> dict[str, Any]:
+                  latency_users: int = 100, users: np.ndarray | None = None) -> dict[str, Any] | None:
     """Retriever alone (full ranking), PALR end to end (a retrieval miss counts as a miss), PALR on the users
     whose target was retrieved, and the ranking time per user. ``users``: a subset (all by default); the
-    retriever's figures are then on the same subset."""
+    retriever's figures are then on the same subset.
+
+    Under a launcher with several processes (``torchrun``, ``accelerate launch``) each process ranks a block of
+    whole batches of users and the main process gathers the per-user results: the figures are those of one
+    process. The main process gets the result, the others None."""
     from tqdm.auto import tqdm
 
+    from palr import distributed
+
     split = palr.split
+    everyone = np.arange(split.dataset.n_users) if users is None else np.asarray(users)
+    bs = palr.ranker.batch_size
+    retr_bs = 512
+    # whole batches of both the retriever and the LLM: every batch holds the users it holds in one process
+    sel = everyone[distributed.shard(len(everyone), math.lcm(retr_bs, bs))]
+    show = progress and distributed.is_main()
     retr = evaluate_retriever(palr.retriever, split, stage, ks, candidates=palr.ranking["n_candidates"],  # type: ignore[arg-type]
-                              predictions=max(max(ks), 10))
-    sel = np.arange(split.dataset.n_users) if users is None else np.asarray(users)
+                              predictions=max(max(ks), 10), batch_size=retr_bs, users=sel)
+    assert retr is not None
     all_hist = split.histories(stage)  # type: ignore[arg-type]
     hist = [all_hist[u] for u in sel]
     targets = split.targets(stage)[sel]  # type: ignore[arg-type]
-    cands = retr["candidates"][sel]
-    cscores = retr["candidate_scores"][sel]
-    if users is not None:
-        retr["metrics"] = {**metrics_from_ranks(retr["ranks"][sel], ks),
-                           f"Recall@{cands.shape[1]}": float(np.mean([t in r for r, t in zip(cands, targets)]))}
-        retr["ranks"] = retr["ranks"][sel]
+    cands = retr["candidates"]
+    cscores = retr["candidate_scores"]
     profiles = [palr.profile_text(h) for h in hist]
-    bs = palr.ranker.batch_size
     orders, fused_all, failed, invalid = [], [], [], 0
     t0 = time.perf_counter()
-    for s in tqdm(range(0, len(hist), bs), desc=f"PALR ranking ({stage})", disable=not progress, leave=False):
+    for s in tqdm(range(0, len(hist), bs), desc=f"PALR ranking ({stage})", disable=not show, leave=False):
         r = palr.ranker.rank(hist[s:s + bs], profiles[s:s + bs], cands[s:s + bs], cscores[s:s + bs])
         orders.append(r.order)
         fused_all.append(r.scores)
         failed.append(r.failed)
         invalid += r.invalid_generations
+    K = cands.shape[1]
+    order = np.concatenate(orders) if orders else np.empty((0, K), dtype=np.int64)
+    scores = np.concatenate(fused_all) if fused_all else np.empty((0, K))
+    part = {"order": order, "ranks": positional_ranks(scores, order, targets),
+            "hit": np.array([t in row for row, t in zip(cands, targets)], dtype=bool),
+            "retr_ranks": retr["ranks"], "retr_predictions": retr["predictions"], "targets": targets,
+            "failed": np.concatenate(failed) if failed else np.zeros(0, dtype=bool), "invalid": invalid}
+    g = distributed.gather_arrays(part)
+    if g is None:
+        return None
     rank_s = time.perf_counter() - t0
-    order = np.concatenate(orders)
-    scores = np.concatenate(fused_all)
-    failed_mask = np.concatenate(failed)
-    ranks = positional_ranks(scores, order, targets)
-    hit = np.array([t in row for row, t in zip(cands, targets)])
-    # per-user latency: one user at a time, as a service would
+    ranks, hit = g["ranks"], g["hit"]
+    # per-user latency: one user at a time, as a service would (the main process, on its own users)
     rng = np.random.default_rng(0)
     lat_users = rng.choice(len(hist), size=min(latency_users, len(hist)), replace=False)
     lat = []
@@ -246,34 +260,42 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
         palr.ranker.rank([hist[u]], [profiles[u]], cands[u:u + 1], cscores[u:u + 1])
         lat.append(time.perf_counter() - t1)
     retr_name = palr.config["config"]["retriever"]["retriever"]
-    cond_retr = metrics_from_ranks(retr["ranks"][hit], ks)
     results = {
-        f"{retr_name} (retriever)": {stage: retr["metrics"]},
-        "PALR (end to end)": {stage: {**metrics_from_ranks(ranks, ks), f"Recall@{cands.shape[1]}": float(hit.mean())}},
+        f"{retr_name} (retriever)": {stage: {**metrics_from_ranks(g["retr_ranks"], ks), f"Recall@{K}": float(hit.mean())}},
+        "PALR (end to end)": {stage: {**metrics_from_ranks(ranks, ks), f"Recall@{K}": float(hit.mean())}},
         "PALR (target retrieved)": {stage: metrics_from_ranks(ranks[hit], ks)},
-        f"{retr_name} (target retrieved)": {stage: cond_retr},
+        f"{retr_name} (target retrieved)": {stage: metrics_from_ranks(g["retr_ranks"][hit], ks)},
     }
-    timings = {"ranking_s": round(rank_s, 3), "ranking_ms_per_user_batched": round(1000 * rank_s / len(hist), 3),
+    timings = {"ranking_s": round(rank_s, 3), "ranking_ms_per_user_batched": round(1000 * rank_s / len(ranks), 3),
                "ranking_ms_per_user_median": round(1000 * statistics.median(lat), 3),
-               "latency_users": len(lat), "retriever_eval_s": round(retr["seconds"], 3)}
-    per_user_ranks = {f"{retr_name} (retriever)": {stage: retr["ranks"]}, "PALR (end to end)": {stage: ranks},
+               "latency_users": len(lat), "retriever_eval_s": round(retr["seconds"], 3),
+               "processes": distributed.world_size()}
+    retr_ranks = g["retr_ranks"]
+    per_user_ranks = {f"{retr_name} (retriever)": {stage: retr_ranks}, "PALR (end to end)": {stage: ranks},
                       "PALR (target retrieved)": {stage: ranks[hit]},
-                      f"{retr_name} (target retrieved)": {stage: retr["ranks"][hit]}}
-    return {"results": results, "timings": timings, "order": order, "retriever_predictions": retr["predictions"][sel], "users": sel,
-            "targets": targets, "ranks": per_user_ranks, "llm_failures": int(failed_mask.sum()),
-            "invalid_generations": invalid}
+                      f"{retr_name} (target retrieved)": {stage: retr_ranks[hit]}}
+    return {"results": results, "timings": timings, "order": g["order"], "retriever_predictions": g["retr_predictions"],
+            "users": everyone, "targets": g["targets"], "ranks": per_user_ranks, "llm_failures": int(g["failed"].sum()),
+            "invalid_generations": g["invalid"]}
 
 
 def evaluate_palr_run(run: str | Path, out: str | Path | None = None, predictions: str | Path | None = None,
                       retriever_predictions: str | Path | None = None, data_dir: str | Path | None = None,
                       mode: str | None = None, progress: bool = True,
-                      per_user: str | Path | None = None) -> dict[str, Any]:
+                      per_user: str | Path | None = None) -> dict[str, Any] | None:
     """`palr evaluate --run PALR_RUN`: the test split, retriever and PALR measured in one run; PALR compared
-    with its retriever on the same users (paired-bootstrap 95% CIs of the difference and ratio, p-value)."""
+    with its retriever on the same users (paired-bootstrap 95% CIs of the difference and ratio, p-value).
+
+    Under a launcher with several processes the users are sharded (:func:`evaluate_palr`); the main process writes
+    the files and returns the document, the others return None."""
+    from palr import distributed
     from palr.retrieval.train import write_predictions
 
+    distributed.init()  # before the model loads: each process takes its own GPU
     palr = PALR.load(run, data_dir, mode=mode)
     ev = evaluate_palr(palr, "test", progress=progress)
+    if ev is None:
+        return None
     split = palr.split
     if predictions:
         write_predictions(predictions, split.dataset, ev["order"], users=ev["users"])

@@ -19,9 +19,10 @@ from palr.finetune.train import (
     build_base,
     collate,
     encode_records,
-    palr_loss,
+    lm_trainer_class,
     pretrain_sequences,
     rank_metrics,
+    training_arguments,
     validation_set,
 )
 from palr.ranking import PromptBuilder, Ranker
@@ -41,9 +42,7 @@ def attribute_profiler(catalog: Any, enabled: bool = True) -> Any:
 
 
 def _trainer_class() -> Any:
-    from transformers import Trainer
-
-    class PalrTrainer(Trainer):
+    class PalrTrainer(lm_trainer_class()):  # type: ignore[misc]
         """Trainer with PALR's loss and validation by ranking metrics (NDCG@10 of the fused ranking)."""
 
         palr_cfg: FinetuneConfig
@@ -52,12 +51,16 @@ def _trainer_class() -> Any:
         palr_losses: list[float]  # training loss of every batch (the run's training curve)
         palr_curve: list[dict[str, float]]  # per evaluation: epoch, mean training loss since the last, NDCG@10
 
+        @property
+        def listwise_weight(self) -> float:  # type: ignore[override]
+            return self.palr_cfg.listwise_weight
+
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
-            loss = palr_loss(model, inputs, self.palr_cfg.listwise_weight)
-            if model.training:
-                self.palr_losses.append(float(loss.detach()))
-            return (loss, None) if return_outputs else loss
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if model.training:  # this process's batches (the main process's make the run's curve)
+                self.palr_losses.append(self.batch_losses[-1])
+            return out
 
         def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
                      metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -67,7 +70,7 @@ def _trainer_class() -> Any:
             was_training = model.training
             model.eval()
             llm = HFLLM.from_objects(model, self.processing_class, batch_size=64)
-            m = rank_metrics(Ranker(llm, self.palr_builder), self.palr_valid)
+            m = rank_metrics(Ranker(llm, self.palr_builder), self.palr_valid)  # sharded over processes, gathered
             if was_training:
                 model.train()
             metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in m.items() if k != "fusion"}
@@ -85,33 +88,43 @@ def _trainer_class() -> Any:
 
 def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *, data_dir: str | Path | None = None,
              progress: bool = True, resume: bool = True) -> Path:
-    """Fine-tune the ranking LLM over a retriever run; writes a complete ``palr`` run directory at ``out``."""
-    import torch
-    from transformers import TrainingArguments, set_seed
+    """Fine-tune the ranking LLM over a retriever run; writes a complete ``palr`` run directory at ``out``.
 
+    Under a launcher (``torchrun``/``accelerate launch`` with N processes) every process trains on its share of the
+    records (the Trainer's distributed sampler, pretraining included); validation ranking and the fusion-weight
+    choice are sharded and gathered; only the main process writes the run directory, the others wait for it.
+    """
+    import torch
+    from transformers import set_seed
+
+    from palr import distributed
     from palr.retrieval.train import load_run
 
     cfg = cfg.resolved()
     t_start = time.perf_counter()
+    distributed.init()
+    main = distributed.is_main()
     rcfg, retriever, split = load_run(retriever_run, data_dir)
-    out = begin_run(out)
+    out = Path(distributed.broadcast(str(begin_run(out)) if main else None))
     set_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     # the PALR run carries its retriever so that it is self-contained
-    if not (out / "retriever" / "retriever.json").exists():
+    if main and not (out / "retriever" / "retriever.json").exists():
         shutil.copytree(Path(retriever_run) / "model", out / "retriever", dirs_exist_ok=True)
     profile_of = attribute_profiler(split.dataset.catalog, cfg.profiles)
 
-    # 1. instruction data, from the training split only
+    # 1. instruction data, from the training split only (every process builds the same list; the sampler shards it)
     ex = training_contexts(split, cfg.examples)
     ex = attach_candidates(ex, split, retriever, cfg.examples, progress=progress)
     ex = augment_swap(ex, cfg.examples.swap_prob, np.random.default_rng(cfg.seed + 3))
     for e in ex:
         e.profile = profile_of(e.history)
-    model, tok = build_base(cfg, split, out, retriever)
+    with distributed.main_first():  # the main process creates base/, the others load it
+        model, tok = build_base(cfg, split, out, retriever)
     builder = PromptBuilder(split.dataset.catalog, cfg.style, cfg.examples.history_len)  # type: ignore[arg-type]
+    ckpt = out / "checkpoints"
     pre_losses: list[float] = []
-    if cfg.base_model == "mini" and cfg.pretrain_epochs > 0 and not _last_checkpoint(out / "checkpoints"):
+    if cfg.base_model == "mini" and cfg.pretrain_epochs > 0 and not _last_checkpoint(ckpt):
         pre_losses = pretrain_sequences(model, tok, split, builder, cfg.pretrain_epochs, lr=cfg.lr, seed=cfg.seed,
                                         progress=progress)
     labels_text = None
@@ -119,29 +132,29 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         from palr.llm.base import single_token_labels
 
         labels_text = single_token_labels(tok, cfg.examples.n_candidates)
-    n_rec = write_jsonl(out / "instructions.jsonl", records(ex[:2000], cfg.tasks, lambda e, t: (
-        builder.prompt(t, e.history, e.profile, e.candidates.tolist(), labels_text),
-        builder.answer(t, e.targets, {int(c): labels_text[k] for k, c in enumerate(e.candidates)}
-                       if labels_text and t == "verbalizer" else None))))
+    if main:
+        n_rec = write_jsonl(out / "instructions.jsonl", records(ex[:2000], cfg.tasks, lambda e, t: (
+            builder.prompt(t, e.history, e.profile, e.candidates.tolist(), labels_text),
+            builder.answer(t, e.targets, {int(c): labels_text[k] for k, c in enumerate(e.candidates)}
+                           if labels_text and t == "verbalizer" else None))))
     rows = encode_records(ex, split, tok, builder, cfg.tasks, cfg.max_length, labels_text)
-    log.info("%d training contexts -> %d records (%d written to instructions.jsonl)", len(ex), len(rows), n_rec)
+    if main:
+        log.info("%d training contexts -> %d records (%d written to instructions.jsonl)", len(ex), len(rows), n_rec)
 
     # 2. validation users ranked after every epoch
     from palr.retrieval.train import candidates_for
 
-    valid_cands = candidates_for(retriever, split, "valid", cfg.examples.n_candidates)  # computed once
+    valid_cands = candidates_for(retriever, split, "valid", cfg.examples.n_candidates, sharded=True)  # once
     vs = validation_set(split, valid_cands, cfg.valid_users, profile_of, cfg.seed)
 
-    # 3. train
-    ckpt = out / "checkpoints"
-    args = TrainingArguments(
+    # 3. train (the Trainer saves checkpoints from the main process and shards the records over processes)
+    args = training_arguments(
         output_dir=str(ckpt), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type="cosine",
         eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, load_best_model_at_end=True,
-        metric_for_best_model="ndcg@10", greater_is_better=True, logging_steps=50, report_to=[],
-        seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False, disable_tqdm=not progress,
-        dataloader_num_workers=0,
+        metric_for_best_model="ndcg@10", greater_is_better=True, logging_steps=50,
+        seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not progress,
     )
     trainer_cls = _trainer_class()
     trainer = trainer_cls(model=model, args=args, train_dataset=rows, eval_dataset=rows[:1],
@@ -157,34 +170,41 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
 
     # 4. save the best model (full weights for mini, adapter only for LoRA)
     llm_dir = out / ("llm" if cfg.base_model == "mini" else "adapter")
-    shutil.rmtree(llm_dir, ignore_errors=True)
-    model.save_pretrained(llm_dir)
-    tok.save_pretrained(llm_dir)
-    if cfg.base_model == "mini":
-        shutil.copy(out / "base" / "palr_mini.json", llm_dir / "palr_mini.json")
+    if main:
+        shutil.rmtree(llm_dir, ignore_errors=True)
+        model.save_pretrained(llm_dir)
+        tok.save_pretrained(llm_dir)
+        if cfg.base_model == "mini":
+            shutil.copy(out / "base" / "palr_mini.json", llm_dir / "palr_mini.json")
 
     # 5. fusion kind and weight on (up to cfg.weight_users) validation users, never on test
     from palr.llm.hf import HFLLM
 
     llm = HFLLM.from_objects(model, tok, batch_size=64)
     vs_all = validation_set(split, valid_cands, cfg.weight_users, profile_of, cfg.seed)
-    final = rank_metrics(Ranker(llm, builder), vs_all)
-    history = [h for h in trainer.state.log_history if "eval_ndcg@10" in h]
-    ranking = {"mode": "verbalizer", "style": cfg.style, "weight": final["weight"], "fusion": final["fusion"],
-               "n_candidates": cfg.examples.n_candidates, "history_len": cfg.examples.history_len,
-               "profiles": cfg.profiles, "base_model": cfg.base_model,
-               "llm_dir": llm_dir.name, "lora": bool(cfg.lora_r and cfg.base_model != "mini")}
-    write_json(out / "ranking.json", ranking)
-    metrics = {"valid": final, "valid_per_epoch": history, "pretrain_losses": pre_losses,
-               "curve": trainer.palr_curve, "train_loss_steps": downsample(trainer.palr_losses),
-               "train_records": len(rows),
-               "train_contexts": len(ex), "seconds": round(time.perf_counter() - t_start, 1)}
-    shutil.rmtree(ckpt, ignore_errors=True)  # the best weights are saved; checkpoints were for resuming
-    config = {"finetune": {**asdict(cfg), "examples": asdict(cfg.examples)}, "retriever_run": str(retriever_run),
-              "retriever": rcfg["config"], "ranking": ranking, "data_dir": str(data_dir or "")}
-    finish_run(out, "palr", split.dataset, config, metrics)
-    log.info("PALR run %s: valid NDCG@10 fused %.4f (LLM %.4f, retriever %.4f, weight %s)", out,
-             final["ndcg@10"], final["ndcg@10_llm"], final["ndcg@10_retriever"], final["weight"])
+    final = rank_metrics(Ranker(llm, builder), vs_all)  # sharded, the same result on every process
+    distributed.barrier()  # every process is done with the checkpoints
+    if main:
+        history = [h for h in trainer.state.log_history if "eval_ndcg@10" in h]
+        ranking = {"mode": "verbalizer", "style": cfg.style, "weight": final["weight"], "fusion": final["fusion"],
+                   "n_candidates": cfg.examples.n_candidates, "history_len": cfg.examples.history_len,
+                   "profiles": cfg.profiles, "base_model": cfg.base_model,
+                   "llm_dir": llm_dir.name, "lora": bool(cfg.lora_r and cfg.base_model != "mini")}
+        write_json(out / "ranking.json", ranking)
+        world = distributed.world_size()
+        metrics = {"valid": final, "valid_per_epoch": history, "pretrain_losses": pre_losses,
+                   "curve": trainer.palr_curve, "train_loss_steps": downsample(trainer.palr_losses),
+                   "train_losses": trainer.epoch_losses, "train_records": len(rows), "train_contexts": len(ex),
+                   "processes": world, "train_steps_per_process": trainer.state.global_step,
+                   "train_batch_global": cfg.batch_size * cfg.grad_accum * world,
+                   "seconds": round(time.perf_counter() - t_start, 1)}
+        shutil.rmtree(ckpt, ignore_errors=True)  # the best weights are saved; checkpoints were for resuming
+        config = {"finetune": {**asdict(cfg), "examples": asdict(cfg.examples)}, "retriever_run": str(retriever_run),
+                  "retriever": rcfg["config"], "ranking": ranking, "data_dir": str(data_dir or "")}
+        finish_run(out, "palr", split.dataset, config, metrics)
+        log.info("PALR run %s: valid NDCG@10 fused %.4f (LLM %.4f, retriever %.4f, weight %s)", out,
+                 final["ndcg@10"], final["ndcg@10_llm"], final["ndcg@10_retriever"], final["weight"])
+    distributed.barrier()  # the run is complete when any process returns
     return out
 
 

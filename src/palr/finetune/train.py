@@ -111,63 +111,118 @@ def init_item_embeddings(model: Any, token_ids: np.ndarray, vectors: np.ndarray)
     log.info("initialised %d item tokens from the retriever's %d-d item embeddings", len(token_ids), vectors.shape[1])
 
 
-def pretrain_sequences(model: Any, tok: Any, split: Split, builder: PromptBuilder, epochs: int, *,
-                       window: int = 100, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
-                       progress: bool = False) -> list[float]:
-    """Teach the embedded model the item-token "language" before instruction tuning.
+def training_arguments(**kw: Any) -> Any:
+    """``TrainingArguments`` that shard under a launcher (``torchrun``, ``accelerate launch``).
 
-    Each training sequence (train split only) is written as the prompts write a history,
-    ``Input: User watched movies <i1><i7>...``, cut into windows of ``window`` items; the model learns
-    every next item token (plain causal LM loss). Returns the mean loss per epoch.
+    Without CUDA the Trainer stays single-process even with ``WORLD_SIZE`` set; ``use_cpu`` with the ``gloo``
+    backend makes it data-parallel over CPU processes. Settings an ``accelerate launch`` config brings
+    (DeepSpeed, mixed precision) are read by the Trainer itself.
     """
     import torch
-    from tqdm.auto import tqdm
+    from transformers import TrainingArguments
 
-    if epochs <= 0:
-        return []
-    head = tok.encode(f"Input: User {builder.nouns.verb} {builder.nouns.plural} ", add_special_tokens=True)
+    from palr import distributed
+
+    if distributed.world_size() > 1 and not torch.cuda.is_available():
+        kw.setdefault("use_cpu", True)
+        kw.setdefault("ddp_backend", "gloo")
+    if distributed.world_size() > 1:
+        kw.setdefault("ddp_find_unused_parameters", False)  # palr_loss uses every trainable weight
+    base = {"report_to": [], "remove_unused_columns": False, "dataloader_num_workers": 0}
+    return TrainingArguments(**{**base, **kw})
+
+
+def pretrain_rows(tok: Any, split: Split, builder: PromptBuilder, window: int = 100) -> list[dict[str, Any]]:
+    """Training sequences written as the prompts write a history, cut into windows of ``window`` items;
+    labels on the item tokens only (the next-item "language")."""
     from palr.llm.mini import item_token_ids
 
+    head = tok.encode(f"Input: User {builder.nouns.verb} {builder.nouns.plural} ", add_special_tokens=True)
     ids_of = item_token_ids(tok, split.n_items)
     rows = []
     for s in split.train:
         for start in range(0, len(s), window):
             chunk = s[max(0, start - 10): start + window] if start else s[:window]
             if len(chunk) >= 2:
-                rows.append(head + ids_of[chunk].tolist())
-    rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    n_head = len(head)
-    losses = []
-    model.train()
-    for _ in range(epochs):
-        perm = rng.permutation(len(rows))
-        total, n = 0.0, 0
-        for b in tqdm(range(0, len(rows), batch_size), desc="pretraining", disable=not progress, leave=False):
-            batch = [rows[j] for j in perm[b:b + batch_size]]
-            T = max(len(r) for r in batch)
-            ids = torch.full((len(batch), T), tok.pad_token_id, dtype=torch.long)
-            labels = torch.full((len(batch), T), -100, dtype=torch.long)
-            mask = torch.zeros((len(batch), T), dtype=torch.long)
-            for k, r in enumerate(batch):
-                ids[k, :len(r)] = torch.tensor(r)
-                labels[k, n_head:len(r)] = torch.tensor(r[n_head:])  # only the item tokens are predicted
-                mask[k, :len(r)] = 1
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            total, n = total + loss.item(), n + 1
-        losses.append(total / max(n, 1))
-        log.info("pretraining epoch %d: loss %.4f", len(losses), losses[-1])
-    return losses
+                items = ids_of[chunk].tolist()
+                rows.append({"input_ids": head + items, "labels": [-100] * len(head) + items, "cand_ids": [],
+                             "target": -1})
+    return rows
 
 
-def decoder_of(model: Any) -> Any:
-    """The transformer body (post-norm hidden states), through a PEFT wrapper if present."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model
+def pretrain_sequences(model: Any, tok: Any, split: Split, builder: PromptBuilder, epochs: int, *,
+                       window: int = 100, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+                       progress: bool = False, output_dir: str | Path | None = None) -> list[float]:
+    """Teach the embedded model the item-token "language" before instruction tuning.
+
+    Each training sequence (train split only) is written as the prompts write a history,
+    ``Input: User watched movies <i1><i7>...``, cut into windows of ``window`` items; the model learns
+    every next item token (plain causal LM loss, constant learning rate, gradients clipped at 1). Runs in the
+    Hugging Face ``Trainer``, so under a launcher every process trains on its share. Returns the mean loss per
+    epoch (over all processes).
+    """
+    import tempfile
+
+    if epochs <= 0:
+        return []
+    rows = pretrain_rows(tok, split, builder, window)
+    with tempfile.TemporaryDirectory(prefix="palr-pretrain-") as tmp:
+        args = training_arguments(
+            output_dir=str(output_dir or tmp), num_train_epochs=epochs, learning_rate=lr,
+            per_device_train_batch_size=batch_size, weight_decay=0.01, max_grad_norm=1.0,
+            lr_scheduler_type="constant", warmup_steps=0, eval_strategy="no", save_strategy="no",
+            logging_strategy="no", seed=seed, data_seed=seed, disable_tqdm=not progress)
+        trainer = lm_trainer_class()(model=model, args=args, train_dataset=rows,
+                                     data_collator=lambda b: collate(b, tok.pad_token_id))
+        trainer.train()
+    model.eval()
+    log.info("pretraining: %d sequences, %d steps per process, loss per epoch %s", len(rows),
+             trainer.state.global_step, [round(x, 4) for x in trainer.epoch_losses])
+    return trainer.epoch_losses
+
+
+def lm_trainer_class() -> Any:
+    """A ``Trainer`` with PALR's loss that keeps the mean training loss of every epoch (``epoch_losses``)."""
+    from transformers import Trainer, TrainerCallback
+
+    from palr import distributed
+
+    class EpochLoss(TrainerCallback):
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            tr = self.trainer
+            mine = float(np.mean(tr.batch_losses)) if tr.batch_losses else float("nan")
+            every = distributed.gather(mine, everyone=True) or [mine]
+            tr.epoch_losses.append(float(np.mean(every)))
+            tr.batch_losses = []
+
+    class LMTrainer(Trainer):
+        listwise_weight = 0.0
+
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            self.batch_losses: list[float] = []
+            self.epoch_losses: list[float] = []
+            cb = EpochLoss()
+            cb.trainer = self  # type: ignore[attr-defined]
+            self.add_callback(cb)
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            loss = palr_loss(model, inputs, self.listwise_weight)
+            if model.training:
+                self.batch_losses.append(float(loss.detach()))
+            return (loss, None) if return_outputs else loss
+
+    return LMTrainer
+
+
+def unwrap(model: Any) -> Any:
+    """The model inside a DistributedDataParallel / DeepSpeed wrapper (the model itself otherwise)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while isinstance(model, DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
+        model = model.module
+    return model
 
 
 # ---------------------------------------------------------------------------- records -> tensors
@@ -227,8 +282,12 @@ def palr_loss(model: Any, batch: dict[str, Any], listwise_weight: float) -> Any:
     import torch
     import torch.nn.functional as F
 
-    h = decoder_of(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    W = model.get_output_embeddings().weight  # (V, d)
+    # through the (possibly DDP/DeepSpeed-wrapped) model, so that gradients are synchronised; the LM head runs on
+    # the last position only and the post-norm hidden states feed the losses below
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
+                output_hidden_states=True)
+    h = out.hidden_states[-1]
+    W = unwrap(model).get_output_embeddings().weight  # (V, d)
     labels = batch["labels"]
     nxt = labels[:, 1:]
     sel = nxt != -100  # positions whose next token is an answer token
@@ -269,10 +328,17 @@ def validation_set(split: Split, candidates: tuple[np.ndarray, np.ndarray], n_us
 
 
 def rank_metrics(ranker: Ranker, vs: ValidationSet) -> dict[str, float]:
-    """NDCG@10 of the LLM alone, of the retriever alone, and of the best fusion weight on this set."""
+    """NDCG@10 of the LLM alone, of the retriever alone, and of the best fusion weight on this set.
+
+    Under a launcher each process scores its block of whole batches of users and every process gets all of them,
+    so the choice is the same everywhere (and the same as one process's)."""
+    from palr import distributed
     from palr.evaluation import ndcg
 
-    lp = ranker.verbalizer_logprobs(vs.histories, vs.profiles, vs.candidates)
+    mine = distributed.shard(len(vs.histories), ranker.batch_size)
+    lo, hi = (int(mine[0]), int(mine[-1]) + 1) if len(mine) else (0, 0)
+    part = ranker.verbalizer_logprobs(vs.histories[lo:hi], vs.profiles[lo:hi], vs.candidates[lo:hi])
+    lp = distributed.gather_arrays({"lp": part}, everyone=True)["lp"]  # type: ignore[index]
     kind, best_w, table = choose_weight(lp, vs.candidates, vs.targets, FUSION_GRID, scores=vs.scores)
     llm_only = ndcg(positional_ranks(fuse(lp, 0.0), vs.candidates, vs.targets), 10)
     return {"ndcg@10": table[f"{kind}:{best_w}"], "ndcg@10_llm": llm_only, "ndcg@10_retriever": table["rank:inf"],

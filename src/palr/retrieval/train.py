@@ -55,18 +55,29 @@ def fit_retriever(name: str, split: Split, params: dict[str, Any] | None = None,
 
 
 def candidates_for(model: Retriever, split: Split, stage: Stage, k: int = 50,
-                   batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+                   batch_size: int = 512, sharded: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` candidates for every user's ``stage`` target, the history before it excluded.
 
     Returns (items (U, k) int64 dense item indices, scores (U, k) float32), best first, ties in the seeded
     random order of the evaluation (seed 0); row u is user u of ``split`` (the target itself is never excluded).
+    ``sharded``: under a launcher with several processes each computes its block of users and every process gets
+    all rows.
     """
+    from palr import distributed
+
     histories = split.histories(stage)
     k = min(k, split.n_items)
-    items = np.empty((len(histories), k), dtype=np.int64)
-    scores = np.empty((len(histories), k), dtype=np.float32)
-    for sl, s in score_batches(model, histories, batch_size):
-        items[sl], scores[sl] = top_k(s, histories[sl], k, users=np.arange(sl.start, sl.stop))
+    mine = distributed.shard(len(histories), batch_size) if sharded else np.arange(len(histories))
+    lo = int(mine[0]) if len(mine) else 0
+    block = histories[lo:lo + len(mine)]
+    items = np.empty((len(block), k), dtype=np.int64)
+    scores = np.empty((len(block), k), dtype=np.float32)
+    for sl, s in score_batches(model, block, batch_size):
+        items[sl], scores[sl] = top_k(s, block[sl], k, users=np.arange(lo + sl.start, lo + sl.stop))
+    if sharded:
+        both = distributed.gather_arrays({"items": items, "scores": scores}, everyone=True)
+        assert both is not None
+        items, scores = both["items"], both["scores"]
     return items, scores
 
 
@@ -140,11 +151,16 @@ def evaluate_models(models: dict[str, Retriever], split: Split, out: str | Path 
                     predictions: str | Path | None = None, candidates: int = 0,
                     candidates_out: str | Path | None = None, ks: Sequence[int] = DEFAULT_KS,
                     timings: dict[str, Any] | None = None, progress: bool = True, *, seed: int = 0,
-                    per_user: str | Path | None = None, baseline: str | None = None) -> dict[str, Any]:
+                    per_user: str | Path | None = None, baseline: str | None = None) -> dict[str, Any] | None:
     """Evaluate fitted retrievers on valid and test; write results.json, the first model's predictions and
     (``per_user``) every model's per-user test metrics. Ties are broken in the random order of ``seed``, the
     same in the metrics and in the written lists. Every model but the baseline (the first, unless named) is
-    compared with it on the same users: paired-bootstrap 95% CIs of the difference and ratio, and a p-value."""
+    compared with it on the same users: paired-bootstrap 95% CIs of the difference and ratio, and a p-value.
+
+    Under a launcher with several processes the users are split across them and gathered (identical figures);
+    the main process writes the files and gets the document, the others get None."""
+    from palr import distributed
+
     pairs = comparison_pairs(list(models), baseline)
     results: dict[str, Any] = {}
     ranks: dict[str, dict[str, np.ndarray]] = {}
@@ -154,7 +170,10 @@ def evaluate_models(models: dict[str, Retriever], split: Split, out: str | Path 
         ranks[name] = {}
         for stage in ("valid", "test"):
             r = evaluate_retriever(model, split, stage, ks, candidates=candidates if stage == "test" else 0,
-                                   predictions=max(max(ks), 10), progress=progress, seed=seed)
+                                   predictions=max(max(ks), 10), progress=progress and distributed.is_main(),
+                                   seed=seed, sharded=True)
+            if r is None:  # not the main process: its share is gathered there
+                continue
             entry[stage] = r["metrics"]
             ranks[name][stage] = r["ranks"]
             timings[f"{name}.{stage}_eval_s"] = round(r["seconds"], 3)
@@ -164,6 +183,10 @@ def evaluate_models(models: dict[str, Retriever], split: Split, out: str | Path 
                 if candidates_out and candidates:
                     write_candidates(candidates_out, split.dataset, r["candidates"], r["candidate_scores"])
         results[name] = entry
+    if not distributed.is_main():
+        return None
+    if distributed.world_size() > 1:
+        timings["processes"] = distributed.world_size()
     if per_user:
         write_per_user(per_user, split.dataset, np.arange(split.dataset.n_users), split.targets("test"),
                        {name: r["test"] for name, r in ranks.items()}, ks)
@@ -188,7 +211,7 @@ def with_seed(path: str | Path | None, seed: int) -> Path | None:
 def evaluate_seeds(names: Sequence[str], split: Split, seeds: Sequence[int], out: str | Path | None = None,
                    predictions: str | Path | None = None, per_user: str | Path | None = None,
                    baseline: str | None = None, candidates: int = 0, ks: Sequence[int] = DEFAULT_KS,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True) -> dict[str, Any] | None:
     """Fit and evaluate each retriever once per seed (the seed of the model and of the tie order).
 
     ``results`` holds the mean over seeds, ``seed_summary`` mean / sd / n of every figure, ``by_seed`` each
@@ -205,7 +228,10 @@ def evaluate_seeds(names: Sequence[str], split: Split, seeds: Sequence[int], out
             timings[f"{name}.fit_s"] = round(fit_s, 3)
         doc = evaluate_models(models, split, None, with_seed(predictions, s), candidates, None, ks, timings, progress,
                               seed=s, per_user=with_seed(per_user, s), baseline=baseline)
-        by_seed[str(s)] = {k: doc[k] for k in ("results", "comparisons", "timings")}
+        if doc is not None:  # None: not the main process of a launch (its users were gathered there)
+            by_seed[str(s)] = {k: doc[k] for k in ("results", "comparisons", "timings")}
+    if not by_seed:
+        return None
     runs = list(by_seed.values())
     summary: dict[str, Any] = {}
     for m, stages in runs[0]["results"].items():
