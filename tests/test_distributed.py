@@ -118,3 +118,58 @@ def test_two_cpu_processes_shard_training_and_evaluate_like_one(tmp_path: Path) 
     assert two["timings"]["processes"] == 2 and two["results"]["PALR (end to end)"]["test"]["users"] == 600
     assert (tmp_path / "p1.jsonl").read_text() == (tmp_path / "p2.jsonl").read_text()
     assert (tmp_path / "rp1.jsonl").read_text() == (tmp_path / "rp2.jsonl").read_text()
+
+
+def _options(command: str) -> list[str]:
+    import typer
+
+    from palr.cli import app
+
+    cmd = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
+    return [o for p in cmd.params for o in p.opts if o.startswith("--")]
+
+
+@pytest.mark.parametrize("command", ["finetune", "evaluate"])
+def test_launchers_pass_every_option_through(command: str) -> None:
+    """torchrun's and accelerate's parsers take abbreviations of their own options from the command's arguments;
+    every option of `finetune`/`evaluate` but `--run` (hence the positional input run) reaches palr unchanged."""
+    pytest.importorskip("accelerate")
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.run import get_args_parser
+
+    args = [command, "runs/in"]
+    for opt in _options(command):
+        if opt != "--run":
+            args += [opt, "1"]
+    torchrun = get_args_parser().parse_args(["--standalone", "--nproc_per_node", "2", "-m", "palr.cli", *args])
+    assert torchrun.training_script == "palr.cli" and torchrun.training_script_args == args
+    acc = launch_command_parser().parse_args(["--multi_gpu", "--num_processes", "2", "-m", "palr.cli", *args])
+    assert acc.training_script == "palr.cli" and acc.training_script_args == args
+    with pytest.raises(SystemExit):  # the reason the input run is positional
+        get_args_parser().parse_args(["-m", "palr.cli", command, "--run", "runs/in"])
+
+
+def test_positional_and_option_input_run() -> None:
+    from palr.cli import input_run
+    from palr.errors import PalrError
+
+    assert input_run(Path("a"), None) == Path("a") == input_run(None, Path("a")) == input_run(Path("a"), Path("a"))
+    assert input_run(None, None, required=False) is None
+    with pytest.raises(PalrError, match="two input runs"):
+        input_run(Path("a"), Path("b"))
+    with pytest.raises(PalrError, match="give the input run"):
+        input_run(None, None)
+
+
+def test_scale_out_configs_load_and_the_readme_names_them() -> None:
+    pytest.importorskip("accelerate")
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = HERE.parent
+    ddp = load_config_from_file(str(root / "examples/scale_out/accelerate_2gpu.yaml"))
+    assert ddp.distributed_type == "MULTI_GPU" and ddp.num_processes == 2
+    ds = load_config_from_file(str(root / "examples/scale_out/deepspeed_zero2.yaml"))
+    assert ds.distributed_type == "DEEPSPEED" and ds.deepspeed_config["zero_stage"] == 2
+    readme = (root / "README.md").read_text()
+    for name in ("accelerate_2gpu.yaml", "deepspeed_zero2.yaml", "torchrun --standalone --nproc_per_node 2"):
+        assert name in readme
