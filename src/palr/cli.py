@@ -262,6 +262,15 @@ def model_import(name: str = typer.Argument(..., help="gemma-3-270m"),
     console.print(f"wrote {path} (load with --llm hf:{path})")
 
 
+@model_app.command("export")
+def model_export(run: Path = typer.Argument(..., help="A PALR run (palr finetune)."),
+                 out: Path = typer.Option(..., "--out", "-o", help="Model directory to write.")) -> None:
+    """The run's ranking LLM as one model directory (LoRA merged into its base) for vLLM or `palr model serve`."""
+    from palr.finetune.run import export_model
+
+    console.print(f"wrote {export_model(run, out)} (serve it: vllm serve {out}, or palr model serve {out})")
+
+
 @model_app.command("serve")
 def model_serve(spec: str = typer.Argument(..., help="mini:DIR, hf:ID_OR_PATH or a model directory"),
                 host: str = typer.Option("127.0.0.1", help="Interface to listen on."),

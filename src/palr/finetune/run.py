@@ -227,4 +227,18 @@ def read_ranking(run: str | Path) -> dict[str, Any]:
     return json.loads((Path(run) / "ranking.json").read_text())
 
 
-__all__ = ["FinetuneConfig", "finetune", "read_ranking"]
+def export_model(run: str | Path, out: str | Path) -> Path:
+    """The run's ranking LLM as one standalone Hugging Face model directory (serve it with vLLM or
+    ``palr model serve``): a LoRA adapter merged into its base model, the embedded model copied as it is."""
+    from palr.llm.hf import merge_adapter
+    from palr.runs import copy_tree_atomic, read_run
+
+    cfg = read_run(run, "palr")
+    ranking = read_ranking(run)
+    if ranking.get("lora"):
+        return merge_adapter(cfg["config"]["finetune"]["base_model"], Path(run) / ranking["llm_dir"], out)
+    copy_tree_atomic(Path(run) / ranking["llm_dir"], Path(out))
+    return Path(out)
+
+
+__all__ = ["FinetuneConfig", "export_model", "finetune", "read_ranking"]

@@ -288,3 +288,21 @@ def _cut_at_stop(text: str, stop: list[str] | None) -> str:
         return text
     cuts = [text.find(s) for s in stop if s and s in text]
     return text[:min(cuts)] if cuts else text
+
+
+def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
+    """Merge a LoRA adapter into its base model and save a standalone model directory (weights + tokenizer) at
+    ``out``, for servers that take a plain model (vLLM, ``palr model serve``). Written to a sibling, then renamed."""
+    import os
+    import shutil
+
+    llm = HFLLM(base, adapter=adapter, device="cpu", dtype="float32")
+    merged = llm.model.merge_and_unload()
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    llm.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
