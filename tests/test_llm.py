@@ -156,8 +156,23 @@ def test_openai_backend_matches_hf(server_url, tiny_llm, api):
     assert client.generate(prompts, max_new_tokens=5) == tiny_llm.generate(prompts, max_new_tokens=5)
     labels = single_token_labels(tiny_llm.tokenizer, 4)
     got = client.score_choices(prompts, labels)
-    assert client.last_scoring == "logprobs"
+    assert client.last_scoring == ("echo" if api == "completions" else "top_logprobs")
     np.testing.assert_allclose(got, tiny_llm.score_choices(prompts, labels), atol=1e-3)
+
+
+def test_openai_scores_the_label_tokens_of_many_multi_token_labels(server_url, tiny_llm):
+    """50 labels, most of them several tokens in this tokenizer: the client asks for the label tokens' own
+    log-probabilities (echo), so every label is scored exactly as the local model scores it."""
+    from palr.llm.base import candidate_labels
+
+    labels = [" " + x for x in candidate_labels()[:50]]
+    assert sum(len(tiny_llm.tokenizer.encode(x, add_special_tokens=False)) > 1 for x in labels) > 10
+    client = load_llm(f"openai:tiny@{server_url}", timeout=30)
+    got = client.score_choices(PROMPTS[:2], labels)
+    assert client.last_scoring == "echo" and np.isfinite(got).all()
+    np.testing.assert_allclose(got, tiny_llm.score_choices(PROMPTS[:2], labels), atol=1e-3)
+    # token-style labels (the embedded model's <iN> tokens) go through the same path
+    assert client.failures == 0
 
 
 def test_openai_parse_fallback():
@@ -184,5 +199,13 @@ def test_openai_timeout_and_malformed(tiny_llm):
             client = load_llm(f"openai:palr@{url}", api=api, max_retries=2, backoff=0.01)
             with pytest.raises(PalrError, match="malformed answer.*after 3 attempts|after 3 attempts.*malformed"):
                 client.generate(["hello"])
-    with pytest.raises(PalrError, match="connection failed"):
-        load_llm("openai:m@http://127.0.0.1:9/v1", max_retries=0, timeout=1).generate(["x"])
+    from palr.errors import LLMUnavailable
+
+    dead = load_llm("openai:m@http://127.0.0.1:9/v1", max_retries=2, backoff=0.01, timeout=1)
+    with pytest.raises(LLMUnavailable, match="connection failed"):
+        dead.generate(["x"])
+    assert dead.failures == 1 and dead.consecutive_unreachable == 1
+    start = time.monotonic()
+    with pytest.raises(LLMUnavailable, match=r"\(1 attempts\)"):  # a dead server is not retried again and again
+        dead.score_choices(["x"], [" A"])
+    assert time.monotonic() - start < 2 and dead.failures == 2

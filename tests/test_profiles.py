@@ -74,8 +74,10 @@ def test_cache_hits(tmp_path):
     assert other[0].source == "attributes"
 
 
-@pytest.mark.parametrize("answer,why", [("", "empty"), ("ECHO", "echo"), ("x" * 300, "longer"),
-                                        ("a, b, c, d, e, f, g", "keywords"), ("!!!, ???", "keyword"),
+@pytest.mark.parametrize("answer,why", [("", "empty"), ("ECHO", "echo"), ("x" * 300, "no grounded keyword"),
+                                        ("a, b, c, d, e, f, g", "no grounded keyword"),
+                                        ("!!!, ???", "no grounded keyword"),
+                                        ("horror movies, comedy movies", "no grounded keyword"),  # invented genres
                                         (RuntimeError("server down"), "server down")])
 def test_llm_profile_falls_back(answer, why):
     ds = dataset()
@@ -89,6 +91,33 @@ def test_llm_profile_accepted():
     [p] = LLMProfiler(FixedLLM(' crime movies, dark thrillers\nmore')).profile_many(["u1"], [ds.sequences[0]],
                                                                                      ds.catalog)
     assert p.source == "llm" and p.keywords == ["crime movies", "dark thrillers"] and p.note is None
+
+
+def test_llm_profile_trims_a_long_list_to_grounded_keywords():
+    """A small model's over-long answer keeps its first 5 grounded keywords instead of being thrown away."""
+    from palr.profiles import grounded_keywords
+
+    ds = dataset()
+    answer = "crime movies, horror movies, drama, 1990s films, Heat, casino, thrillers, action, quirky stuff"
+    [p] = LLMProfiler(FixedLLM(answer)).profile_many(["u1"], [ds.sequences[0]], ds.catalog)
+    assert p.source == "llm" and p.keywords == ["crime movies", "drama", "1990s films", "Heat", "casino"]
+    assert "horror movies" in p.note  # said what was dropped
+    kept, dropped = grounded_keywords(p.keywords, ds.catalog, ds.sequences[0])
+    assert kept == p.keywords and not dropped
+    # grounding is per history: u2 (comedies, adventure) has no crime
+    assert grounded_keywords(["crime movies", "comedies"], ds.catalog, ds.sequences[1]) == (["comedies"], ["crime movies"])
+
+
+def test_an_unreachable_llm_stops_the_profiler_unless_fallback_is_allowed():
+    from palr.errors import LLMUnavailable
+
+    ds = dataset()
+    down = FixedLLM(LLMUnavailable("LLM server http://127.0.0.1:9/v1 unreachable"))
+    with pytest.raises(LLMUnavailable):
+        LLMProfiler(down, allow_fallback=False).profile_many(["u1"], [ds.sequences[0]], ds.catalog)
+    prof = LLMProfiler(down)
+    [p] = prof.profile_many(["u1"], [ds.sequences[0]], ds.catalog)
+    assert p.source == "attributes" and "unreachable" in p.note and prof.failures == 1
 
 
 def test_llm_profile_with_random_model_falls_back_or_validates(tiny_llm):

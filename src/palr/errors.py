@@ -35,3 +35,10 @@ class InputError(PalrError):
 
 class UnknownUserError(PalrError):
     """A user id the run's data set does not hold (404 in the HTTP service)."""
+
+
+class LLMUnavailable(PalrError):
+    """An LLM backend cannot be reached (connection refused, timeouts) after its retries.
+
+    Commands stop on it with one line unless the user allowed a fallback to the retriever (``--allow-fallback``).
+    """

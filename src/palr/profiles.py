@@ -4,9 +4,14 @@
   with shares (the fraction of history items carrying the tag), eras (decades, for movies) and recency, e.g.
   ``drama movies (45%), comedy movies (30%); mostly 1990s films; lately: thriller, crime``.
 * :class:`LLMProfiler`: the paper's idea; the model writes the keywords from the history (``profile_prompt``);
-  the answer is checked (not empty, not too long, not an echo of the prompt) and the attribute profile is used
-  when the check or the model fails, with ``source="attributes"`` and a ``note`` saying why.
+  the answer is checked against the history: a keyword is kept only when it is *grounded* (one of its content
+  words is a word of a history title or attribute, or the history's decade) and names no attribute the history
+  does not have (a genre it never watched); an over-long list is trimmed to its first grounded keywords. The
+  attribute profile is used when nothing survives or the model fails, with ``source="attributes"`` and a
+  ``note`` saying why.
 * :class:`ProfileCache`: SQLite, keyed by data set, user, history hash, backend name and prompt version.
+* :class:`HistoryProfiles`: what ranking and fine-tuning read (the same profiler, the same cache), built by
+  :func:`make_profiler` from a run's profiler spec: ``attributes``, ``llm`` (the ranking LLM) or ``llm:SPEC``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from palr.data.dataset import Catalog, Dataset
-from palr.errors import PalrError
+from palr.errors import LLMUnavailable, PalrError
 from palr.llm.base import LLM
 from palr.prompts import PROMPT_VERSION, clean_text, profile_prompt
 
@@ -31,10 +36,12 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "AttributeProfiler",
+    "HistoryProfiles",
     "LLMProfiler",
     "Profile",
     "ProfileCache",
     "Profiler",
+    "grounded_keywords",
     "history_hash",
     "make_profiler",
     "profile_dataset",
@@ -173,39 +180,128 @@ class AttributeProfiler:
         return [self.profile(u, h, catalog) for u, h in zip(users, histories)]
 
 
-def _check_answer(answer: str, prompt: str, max_chars: int, max_keywords: int) -> tuple[list[str], str | None]:
-    """(keywords, None) for a usable answer, else ([], reason)."""
+_GENERIC_WORDS = (
+    "movie movies film films fan fans lover lovers genre genres classic classics favorite favourite favorites good "
+    "great like likes enjoy enjoys watch watching watched user users show shows story stories product products item "
+    "items old new popular older newer recent modern era eras and the of with a an in on for to from by or style "
+    "type types kind kinds lot lots many mostly some very well best")
+
+
+def _norm(word: str) -> str:
+    """Lower-case letters and digits only, simple plural removed: "Comedies" -> "comedy", "Sci-Fi" -> "scifi"."""
+    w = re.sub(r"[^0-9a-z]", "", word.lower())
+    if len(w) > 4 and w.endswith("ies"):
+        return w[:-3] + "y"
+    if len(w) > 3 and w.endswith("s") and not w.endswith("ss") and not w[:-1].isdigit():
+        return w[:-1]
+    return w
+
+
+_GENERIC = frozenset(_norm(w) for w in _GENERIC_WORDS.split())
+
+
+def _words(text: str) -> list[str]:
+    out = []
+    for raw in re.split(r"[\s/,;:()\[\]]+", str(text)):
+        w = _norm(raw)
+        if w:
+            out.append(w)
+        if "-" in raw:  # "Sci-Fi": also "sci", "fi"
+            out.extend(x for x in (_norm(p) for p in raw.split("-")) if x)
+    return out
+
+
+def _match(word: str, vocab: set[str]) -> bool:
+    """Exact, or sharing a 5-letter stem with a vocabulary word ("romantic" ~ "romance", "animated" ~ "animation")."""
+    if word in vocab:
+        return True
+    return len(word) >= 5 and any(len(v) >= 5 and v[:5] == word[:5] for v in vocab)
+
+
+def _history_vocab(catalog: Catalog, history: Sequence[int]) -> set[str]:
+    vocab: set[str] = set()
+    for i in history:
+        vocab.update(_words(_YEARLESS.sub("", catalog.titles[int(i)] or "")))
+        for t in catalog.tags(int(i)):
+            vocab.update(_words(t))
+        d = _decade(catalog, int(i))
+        if d is not None:
+            vocab.update({str(d), f"{d}s", f"{d % 100:02d}s"})
+    return vocab
+
+
+_YEARLESS = re.compile(r"\(\d{4}\)\s*$")
+
+
+def _catalog_tags(catalog: Catalog) -> set[str]:
+    cached = getattr(catalog, "_palr_tag_words", None)
+    if cached is None:
+        cached = {w for i in range(len(catalog)) for t in catalog.tags(i) for w in _words(t)}
+        try:
+            catalog._palr_tag_words = cached  # type: ignore[attr-defined]
+        except AttributeError:  # a frozen catalogue: recompute next time
+            pass
+    return cached
+
+
+def grounded_keywords(keywords: Sequence[str], catalog: Catalog, history: Sequence[int]) -> tuple[list[str], list[str]]:
+    """(kept, dropped): a keyword is kept when one of its content words is a word of the history's titles or
+    attributes (or its decades) and none of them is a catalogue attribute the history lacks."""
+    vocab = _history_vocab(catalog, history)
+    tags = _catalog_tags(catalog)
+    kept, dropped = [], []
+    for k in keywords:
+        content = [w for w in _words(k) if w not in _GENERIC]
+        grounded = any(_match(w, vocab) for w in content)
+        invented = any(w in tags and not _match(w, vocab) for w in content)
+        (kept if grounded and not invented else dropped).append(k)
+    return kept, dropped
+
+
+def _check_answer(answer: str, prompt: str, max_chars: int, max_keywords: int, catalog: Catalog,
+                  history: Sequence[int]) -> tuple[list[str], str | None, list[str]]:
+    """(keywords, None, dropped) for a usable answer, else ([], reason, dropped).
+
+    Small models often write more keywords than asked, or a few that the history does not support: the answer is
+    trimmed to its first ``max_keywords`` grounded keywords rather than thrown away."""
     text = answer.strip().strip('"').split("\n")[0].strip()
     if not text:
-        return [], "empty answer"
-    if len(text) > max_chars:
-        return [], f"answer longer than {max_chars} characters"
+        return [], "empty answer", []
     low = " ".join(text.lower().split())
-    if len(low) >= 12 and low in " ".join(prompt.lower().split()):
-        return [], "answer echoes the prompt"
-    keywords = [clean_text(k).strip(" .'") for k in re.split(r"[,;]", text)]
-    keywords = [k for k in keywords if k]
-    if not keywords or len(keywords) > max_keywords:
-        return [], f"{len(keywords)} keywords (expected 1..{max_keywords})"
-    for k in keywords:
-        letters = sum(ch.isalpha() for ch in k)
-        if len(k.split()) > 6 or letters < max(2, len(k) // 2):
-            return [], f"keyword {k[:40]!r} does not look like a keyword"
-    return keywords, None
+    if len(low) >= 12 and low in " ".join(prompt.lower().split()) and "," not in low:
+        return [], "answer echoes the prompt", []
+    keywords = [clean_text(k).strip(" .'*-") for k in re.split(r"[,;]", text[: 4 * max_chars])]
+    keywords = [k for k in dict.fromkeys(keywords) if k]
+    words_ok = [k for k in keywords if len(k.split()) <= 6 and sum(ch.isalpha() for ch in k) >= max(2, len(k) // 2)]
+    kept, dropped = grounded_keywords(words_ok, catalog, history)
+    dropped += [k for k in keywords if k not in words_ok]
+    kept = kept[:max_keywords]
+    if not kept:
+        why = f"no grounded keyword in {len(keywords)}" + (f" (e.g. {keywords[0][:40]!r})" if keywords else "")
+        return [], why, dropped
+    return kept, None, dropped
 
 
 class LLMProfiler:
-    """Profiles written by an LLM from ``profile_prompt``; the attribute profile whenever that fails."""
+    """Profiles written by an LLM from ``profile_prompt``; the attribute profile whenever that fails.
+
+    ``allow_fallback=False``: an unreachable server stops (LLMUnavailable) instead of falling back per user.
+    ``self.failures`` counts users whose answer failed or was unusable.
+    """
 
     def __init__(self, llm: LLM, fallback: AttributeProfiler | None = None, *, n_keywords: int = 5,
-                 max_new_tokens: int = 48, max_chars: int = 200, batch_size: int = 16) -> None:
+                 max_new_tokens: int = 48, max_chars: int = 200, batch_size: int = 16,
+                 allow_fallback: bool = True) -> None:
         self.llm = llm
         self.fallback = fallback or AttributeProfiler()
         self.n_keywords, self.max_new_tokens, self.max_chars = n_keywords, max_new_tokens, max_chars
         self.batch_size = batch_size
+        self.allow_fallback = allow_fallback
+        self.failures = 0
         self.name = f"llm:{getattr(llm, 'name', type(llm).__name__)}"
 
     def _fallback(self, user: str, history: Sequence[int], catalog: Catalog, why: str) -> Profile:
+        self.failures += 1
         p = self.fallback.profile(user, history, catalog)
         p.backend = self.name
         p.note = f"LLM profile rejected ({why}); attribute profile used"
@@ -220,17 +316,23 @@ class LLMProfiler:
             try:
                 answers = self.llm.generate(prompts, max_new_tokens=self.max_new_tokens, temperature=0.0,
                                             stop=["\n"])
+            except LLMUnavailable:
+                if not self.allow_fallback:
+                    raise
+                out.extend(self._fallback(u, h, catalog, "LLM unreachable") for u, h in zip(us, hs))
+                continue
             except Exception as e:  # noqa: BLE001 - any backend failure falls back, and says so
                 log.warning("LLM profiler failed (%s: %s); using attribute profiles", type(e).__name__, e)
                 out.extend(self._fallback(u, h, catalog, f"{type(e).__name__}: {e}") for u, h in zip(us, hs))
                 continue
             for u, h, prompt, answer in zip(us, hs, prompts, answers):
-                keywords, why = _check_answer(answer, prompt, self.max_chars, self.n_keywords)
+                keywords, why, dropped = _check_answer(answer, prompt, self.max_chars, self.n_keywords, catalog, h)
                 if why:
                     out.append(self._fallback(u, h, catalog, why))
                     continue
+                note = f"dropped ungrounded or extra keywords: {', '.join(dropped[:5])}" if dropped else None
                 out.append(Profile(str(u), ", ".join(keywords), "llm", keywords, backend=self.name,
-                                   history_hash=history_hash(catalog, h), n_history=len(h)))
+                                   history_hash=history_hash(catalog, h), n_history=len(h), note=note))
         return out
 
 
@@ -313,13 +415,69 @@ def profile_users(dataset: Dataset, users: Sequence[str], profiler: Profiler, *,
     return [p for p in result if p is not None]
 
 
-def make_profiler(llm: str | None = None, **llm_options: Any) -> Profiler:
-    """The attribute profiler, or an LLM profiler over ``load_llm(llm, **llm_options)``."""
-    if not llm:
+def make_profiler(llm: str | None = None, *, spec: str | None = None, ranking_llm: LLM | None = None,
+                  allow_fallback: bool = True, **llm_options: Any) -> Profiler:
+    """A profiler from a spec: ``attributes``; ``llm`` (the ranking LLM, ``ranking_llm``); ``llm:SPEC`` or, as
+    ``llm=SPEC``, an LLM spec for :func:`palr.llm.base.load_llm`."""
+    spec = spec or (f"llm:{llm}" if llm else "attributes")
+    if spec == "attributes":
         return AttributeProfiler()
-    from palr.llm.base import load_llm
+    if spec == "llm":
+        if ranking_llm is None:
+            raise PalrError("profiler 'llm' needs the ranking LLM (give --llm), or name one: llm:SPEC")
+        return LLMProfiler(ranking_llm, allow_fallback=allow_fallback)
+    if spec.startswith("llm:"):
+        from palr.llm.base import load_llm
 
-    return LLMProfiler(load_llm(llm, **llm_options))
+        return LLMProfiler(load_llm(spec[4:], **llm_options), allow_fallback=allow_fallback)
+    raise PalrError(f"unknown profiler {spec!r}; use attributes, llm (the ranking LLM) or llm:SPEC")
+
+
+class HistoryProfiles:
+    """history -> profile text, as ranking and fine-tuning read it: one profiler, generated once per distinct
+    history (an optional SQLite cache keeps them across runs). ``enabled=False`` gives ``None`` (no profile)."""
+
+    def __init__(self, dataset_name: str, catalog: Catalog, profiler: Profiler, cache: ProfileCache | None = None,
+                 enabled: bool = True) -> None:
+        self.dataset_name, self.catalog, self.profiler, self.cache, self.enabled = (
+            dataset_name, catalog, profiler, cache, enabled)
+        self._memo: dict[str, Profile] = {}
+        self.llm_profiles = self.fallbacks = 0
+
+    @property
+    def name(self) -> str:
+        return self.profiler.name if self.enabled else "none"
+
+    def profiles(self, histories: Sequence[Sequence[int]]) -> list[Profile | None]:
+        if not self.enabled:
+            return [None] * len(histories)
+        hashes = [history_hash(self.catalog, h) for h in histories]
+        todo: dict[str, Sequence[int]] = {}
+        for hh, h in zip(hashes, histories):
+            if hh in self._memo or hh in todo:
+                continue
+            got = self.cache.get(self.dataset_name, "-", hh, self.profiler.name) if self.cache else None
+            if got is not None:
+                self._memo[hh] = got
+            else:
+                todo[hh] = h
+        if todo:
+            made = self.profiler.profile_many(["-"] * len(todo), list(todo.values()), self.catalog)
+            for hh, p in zip(todo, made):
+                self._memo[hh] = p
+                if p.source == "llm":
+                    self.llm_profiles += 1
+                elif p.note and p.backend != "attributes":
+                    self.fallbacks += 1
+            if self.cache is not None:
+                self.cache.put(self.dataset_name, self.profiler.name, made)
+        return [self._memo[hh] for hh in hashes]
+
+    def texts(self, histories: Sequence[Sequence[int]]) -> list[str | None]:
+        return [p.profile if p is not None else None for p in self.profiles(histories)]
+
+    def __call__(self, history: Sequence[int]) -> str | None:
+        return self.texts([history])[0]
 
 
 def profile_dataset(dataset: Dataset, users: Sequence[str] | None = None, *, llm: str | None = None,

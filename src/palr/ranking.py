@@ -19,18 +19,19 @@ for a user, the retriever's order stands and the result says so.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from palr import prompts
-from palr.data.dataset import Catalog
-from palr.llm.mini import item_token
+from palr.errors import LLMUnavailable
+from palr.prompts import PromptBuilder, item_token  # PromptBuilder re-exported: prompts.py owns both styles
 
 log = logging.getLogger(__name__)
 
@@ -39,53 +40,55 @@ Style = Literal["tokens", "text"]
 FUSION_GRID = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, math.inf)
 
 
-# ---------------------------------------------------------------------------- prompts per style
-class PromptBuilder:
-    """Prompts and answers for a catalogue in one of two item styles.
+# ---------------------------------------------------------------------------- a run's ranking settings
+@dataclass
+class RankingConfig:
+    """How a run ranks (``ranking.json`` of a PALR run; built from flags for zero-shot ranking of a retriever run).
 
-    ``tokens``: items are their added tokens ``<iN>`` (the embedded model; compact and exact);
-    ``text``: items are quoted titles (``"Heat (1995)"``, ``"ASIN (title)"``) via :mod:`palr.prompts`.
+    ``profiler``: "attributes", "llm" (the ranking LLM writes the profiles) or "llm:SPEC".
+    ``llm``: the LLM spec for :func:`palr.llm.base.load_llm`; empty for fine-tuned runs, whose model is found from
+    ``base_model``/``llm_dir``/``lora`` inside the run directory.
     """
 
-    def __init__(self, catalog: Catalog, style: Style = "tokens", history_len: int = prompts.MAX_HISTORY,
-                 max_title_tokens: int = prompts.MAX_TITLE_TOKENS) -> None:
-        self.catalog, self.style, self.history_len, self.max_title_tokens = catalog, style, history_len, max_title_tokens
-        self.nouns = prompts.nouns(catalog)
+    mode: str = "verbalizer"
+    style: str = "text"
+    weight: float = 0.0
+    fusion: str = "rank"
+    n_candidates: int = 50
+    history_len: int = 20
+    profiles: bool = True
+    profiler: str = "attributes"
+    llm: str = ""
+    base_model: str = ""
+    llm_dir: str = ""
+    lora: bool = False
 
-    def items(self, items: Sequence[int]) -> str:
-        if self.style == "tokens":
-            return "".join(item_token(i) for i in items)
-        return prompts.render_items(self.catalog, items, self.max_title_tokens)
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RankingConfig:
+        """Known keys only (a ranking.json may carry more, e.g. selection tables)."""
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
-    def item(self, i: int) -> str:
-        return item_token(i) if self.style == "tokens" else prompts.render_item(self.catalog, i, self.max_title_tokens)
+    @classmethod
+    def read(cls, run: str | Path) -> RankingConfig:
+        path = Path(run) / "ranking.json"
+        if not path.is_file():
+            from palr.errors import RunError
 
-    def prompt(self, task: str, history: Sequence[int], profile: str | None,
-               candidates: Sequence[int] | None = None, labels: Sequence[str] | None = None, n: int = 10) -> str:
-        hist = prompts.recent(history, self.history_len)
-        candidates = [] if candidates is None else [int(c) for c in candidates]
-        if self.style == "text":
-            kw = {"max_history": self.history_len, "max_title_tokens": self.max_title_tokens}
-            if task == "recommend":
-                return prompts.recommend_prompt(self.catalog, hist, profile=profile, n=n, **kw)
-            if task == "recommend_retrieval":
-                return prompts.retrieval_prompt(self.catalog, hist, profile, candidates, n=n, **kw)
-            return prompts.verbalizer_prompt(self.catalog, hist, profile, candidates, labels or [], **kw)
-        w = self.nouns
-        prof = f"User profile: {prompts.clean_text(profile)}.\n" if profile else ""
-        head = {"recommend": f"Recommend {n} other {w.plural} based on user's {w.history}.",
-                "recommend_retrieval": f"Recommend {n} other {w.plural} based on user's {w.history} from the candidate list.",
-                "verbalizer": f"Choose the next of the candidate {w.plural} based on user's {w.history}."}[task]
-        cands = f"The candidates are {self.items(candidates)}.\n" if task != "recommend" else ""
-        return f"{head}\nInput: User {w.verb} {w.plural} {self.items(hist)}.\n{prof}{cands}Output:"
+            raise RunError(f"{path} is missing: {run} is not a complete PALR run")
+        return cls.from_dict(json.loads(path.read_text()))
 
-    def answer(self, task: str, targets: Sequence[int], labels: dict[int, str] | None = None) -> str:
-        if task == "verbalizer":
-            t = int(targets[0])
-            return labels[t] if labels else self.item(t)
-        if self.style == "tokens":
-            return self.items(targets)
-        return prompts.answer_text(self.catalog, targets, self.max_title_tokens)
+    def llm_spec(self, run: str | Path) -> tuple[str, dict[str, Any]]:
+        """(spec, options) for :func:`palr.llm.base.load_llm`. Fine-tuned models read raw prompts (no chat
+        template: they were trained on them)."""
+        if self.llm:
+            return self.llm, {}
+        run = Path(run)
+        if self.lora:
+            return f"hf:{self.base_model}", {"adapter": run / self.llm_dir, "chat": "off"}
+        if self.base_model == "mini":
+            return f"mini:{run / self.llm_dir}", {"chat": "off", "batch_size": 64}
+        return f"hf:{run / self.llm_dir}", {"chat": "off"}
 
 
 # ---------------------------------------------------------------------------- results
@@ -145,10 +148,19 @@ class Ranker:
     """Ranks candidate lists with an LLM; ``weight`` fuses it with the retriever (see module doc)."""
 
     def __init__(self, llm: Any, builder: PromptBuilder, mode: Mode = "verbalizer", weight: float = 0.0,
-                 batch_size: int = 32, n_generate: int = 10, fusion: str = "rank") -> None:
+                 batch_size: int = 32, n_generate: int = 10, fusion: str = "rank",
+                 allow_fallback: bool = True) -> None:
         self.llm, self.builder, self.mode, self.weight, self.fusion = llm, builder, mode, weight, fusion
         self.batch_size, self.n_generate = batch_size, n_generate
+        self.allow_fallback = allow_fallback  # False: an unreachable LLM stops the command (LLMUnavailable)
+        self.failed_users = 0  # users for whom the retriever's order stood, since this ranker was built
         self._item_ids: np.ndarray | None = None
+        self._labels: list[str] | None = None
+        if mode == "generative" and getattr(llm, "tokenizer", None) is None:
+            from palr.errors import PalrError
+
+            raise PalrError(f"generative ranking needs a local model (hf:/mini:); {getattr(llm, 'name', 'this LLM')} "
+                            "has no tokenizer here: use the verbalizer mode")
 
     # -- verbalizer
     def _item_token_ids(self) -> np.ndarray:
@@ -167,8 +179,12 @@ class Ranker:
             cands = candidates[sl]
             if self.builder.style == "tokens":
                 ps = [self.builder.prompt("verbalizer", h, p, c) for h, p, c in zip(histories[sl], profiles[sl], cands)]
-                lp = self.llm.next_token_logprobs(ps)  # (b, V)
-                out[sl] = np.take_along_axis(lp, self._item_token_ids()[cands], axis=1)
+                if hasattr(self.llm, "next_token_logprobs"):
+                    lp = self.llm.next_token_logprobs(ps)  # (b, V)
+                    out[sl] = np.take_along_axis(lp, self._item_token_ids()[cands], axis=1)
+                else:  # a served embedded model: each candidate's item token is its label
+                    out[sl] = np.stack([self.llm.score_choices([p], [item_token(int(i)) for i in c])[0]
+                                        for p, c in zip(ps, cands)])
             else:
                 labels = self.text_labels(cands.shape[1])
                 ps = [self.builder.prompt("verbalizer", h, p, c, labels) for h, p, c in
@@ -177,13 +193,17 @@ class Ranker:
         return out
 
     def text_labels(self, n: int) -> list[str]:
-        from palr.llm.base import single_token_labels
+        """Candidate labels: for a local model, ``n`` labels that are one token each in its tokenizer (checked;
+        an error if it has too few); for a remote one the same pool in the same order (A..Z, a..z, 0..99, AA..),
+        scored exactly by the backend whether or not they are single tokens there."""
+        from palr.llm.base import candidate_labels, single_token_labels
 
         tok = getattr(self.llm, "tokenizer", None)
-        if tok is None:  # remote models: letters, then two-letter labels (scored exactly if multi-token)
-            base = [chr(65 + k) for k in range(26)]
-            return [" " + x for x in (base + [a + b for a in base for b in base])[:n]]
-        return single_token_labels(tok, n)
+        if tok is None:
+            return [" " + x for x in candidate_labels()[:n]]
+        if self._labels is None or len(self._labels) < n:
+            self._labels = single_token_labels(tok, n)
+        return self._labels[:n]
 
     # -- generative
     def generate_orders(self, histories: Sequence[np.ndarray], profiles: Sequence[str | None],
@@ -229,17 +249,40 @@ class Ranker:
                 lp = self.verbalizer_logprobs(histories, profiles, candidates)
             else:
                 lp, invalid = self.generate_orders(histories, profiles, candidates)
-            bad = ~np.isfinite(lp).all(axis=1) if self.mode == "verbalizer" else np.zeros(len(lp), bool)
+            bad = ~np.isfinite(lp).any(axis=1) if self.mode == "verbalizer" else np.zeros(len(lp), bool)
+        except LLMUnavailable:
+            if not self.allow_fallback:
+                raise
+            lp, bad = self._failed(candidates, notes, "LLM unreachable")
         except Exception as e:  # noqa: BLE001 - any LLM failure for this batch: the retriever's order stands
             log.warning("LLM ranking failed (%s: %s); keeping the retriever's order", type(e).__name__, e)
             notes.append(f"LLM failed: {type(e).__name__}: {e}")
             lp = np.full(candidates.shape, np.nan, dtype=np.float32)
             bad = np.ones(len(histories), dtype=bool)
         failed |= bad
-        fused = fuse(np.where(np.isfinite(lp), lp, 0.0), w, scores, self.fusion)
+        self.failed_users += int(failed.sum())
+        if failed.any() and not notes:
+            notes.append(f"the LLM gave no usable scores for {int(failed.sum())} of {len(failed)} users")
+        fused = fuse(floor_missing(lp), w, scores, self.fusion)
         fused[failed] = retriever_prior(candidates.shape, scores, self.fusion)[failed]
         order, scores = order_by(fused, candidates)
         return RankResult(order, scores, lp, failed, time.perf_counter() - t0, notes, invalid)
+
+    @staticmethod
+    def _failed(candidates: np.ndarray, notes: list[str], why: str) -> tuple[np.ndarray, np.ndarray]:
+        notes.append(f"{why}: the retriever's order stands (--allow-fallback)")
+        return np.full(candidates.shape, np.nan, dtype=np.float32), np.ones(len(candidates), dtype=bool)
+
+
+def floor_missing(lp: np.ndarray, gap: float = 30.0) -> np.ndarray:
+    """Log-probs with each row's missing entries (-inf/nan: a label outside a server's top-k, or not named by a
+    parsed answer) set ``gap`` below the row's lowest score, so they follow the scored candidates in retriever
+    order instead of winning (0) or poisoning the softmax (-inf). A row with no score at all becomes 0s."""
+    x = np.asarray(lp, dtype=np.float64)
+    ok = np.isfinite(x)
+    low = np.where(ok, x, np.inf).min(axis=1, keepdims=True)
+    low = np.where(np.isfinite(low), low - gap, 0.0)
+    return np.where(ok, x, low)
 
 
 def choose_weight(llm_logprobs: np.ndarray, candidates: np.ndarray, targets: np.ndarray,

@@ -224,7 +224,7 @@ def _last_checkpoint(ckpt: Path) -> Path | None:
 
 
 def read_ranking(run: str | Path) -> dict[str, Any]:
-    return json.loads((Path(run) / "ranking.json").read_text())
+    return json.loads((Path(run) / "ranking.json").read_text())  # typed: palr.ranking.RankingConfig.read
 
 
 def export_model(run: str | Path, out: str | Path) -> Path:

@@ -137,7 +137,9 @@ def pretrain_rows(tok: Any, split: Split, builder: PromptBuilder, window: int = 
     labels on the item tokens only (the next-item "language")."""
     from palr.llm.mini import item_token_ids
 
-    head = tok.encode(f"Input: User {builder.nouns.verb} {builder.nouns.plural} ", add_special_tokens=True)
+    from palr.prompts import history_head
+
+    head = tok.encode(history_head(builder.catalog), add_special_tokens=True)
     ids_of = item_token_ids(tok, split.n_items)
     rows = []
     for s in split.train:

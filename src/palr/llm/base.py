@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BACKENDS",
     "LLM",
+    "candidate_labels",
     "label_token_ids",
     "load_llm",
     "parse_spec",
@@ -65,7 +66,7 @@ class LLM(Protocol):
 
 
 # ---------------------------------------------------------------------------- label helpers
-def _candidate_labels() -> list[str]:
+def candidate_labels() -> list[str]:
     """A..Z, a..z, 0..99, then AA..ZZ: the orders a verbalizer label set is drawn from."""
     two = [a + b for a in string.ascii_uppercase for b in string.ascii_uppercase]
     return (list(string.ascii_uppercase) + list(string.ascii_lowercase)
@@ -89,7 +90,7 @@ def single_token_labels(tokenizer: Any, n: int, prefix: str = " ",
     verbalizer). Tries ``prefix`` first and, if too few qualify, no prefix. Raises PalrError if fewer than
     ``n`` exist.
     """
-    pool = candidates if candidates is not None else _candidate_labels()
+    pool = candidates if candidates is not None else candidate_labels()
     best: list[str] = []
     for pre in dict.fromkeys([prefix, ""]):
         chosen: list[str] = []

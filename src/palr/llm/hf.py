@@ -2,6 +2,10 @@
 
 Batches are left-padded with explicit position ids, so a prompt scores the same alone or in a batch.
 Scoring runs the LM head on the last position(s) only (``logits_to_keep``); generation uses the KV cache.
+A model whose tokenizer has a chat template (instruct models) gets every prompt through it (``chat="auto"``):
+the prompt's body is the user's turn and its last line (the cue, ``Answer:``) opens the model's turn, so
+answer labels are scored right after the cue; ``chat="off"`` sends raw text (what fine-tuned runs were
+trained on).
 ``transformers``/``peft`` are imported when a model is loaded, never at import time.
 """
 
@@ -16,6 +20,7 @@ import numpy as np
 
 from palr.errors import PalrError
 from palr.llm.base import label_token_ids
+from palr.prompts import split_cue
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,7 @@ class HFLLM:
         device: "cpu", "cuda", "cuda:1", "mps" or "auto" (CUDA when available).
         adapter: a PEFT/LoRA adapter directory applied on top of the base model.
         batch_size: prompts per forward pass (multi-token scoring batches prompt x label pairs).
+        chat: "auto" (the chat template when the tokenizer has one), "on" or "off".
 
     ``.model`` and ``.tokenizer`` are the transformers objects (left padding, pad token always set),
     for fine-tuning code.
@@ -50,7 +56,7 @@ class HFLLM:
 
     def __init__(self, path: str | Path, *, dtype: str = "auto", device: str = "auto",
                  adapter: str | Path | None = None, batch_size: int = 8,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, chat: str | bool = "auto") -> None:
         import torch
         import transformers
 
@@ -92,6 +98,7 @@ class HFLLM:
             tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
         if tok.pad_token_id is None:
             raise PalrError(f"{target}: the tokenizer has no pad, eos or unk token to pad batches with")
+        self.chat = self._use_chat(chat)
         log.info("loaded %s (%s, %s, %.1fM parameters)", self.name, dtype, device,
                  sum(p.numel() for p in self.model.parameters()) / 1e6)
 
@@ -105,7 +112,32 @@ class HFLLM:
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        self.chat = False
         return self
+
+    def _use_chat(self, chat: str | bool) -> bool:
+        has = bool(getattr(self.tokenizer, "chat_template", None))
+        if chat in (True, "on"):
+            if not has:
+                raise PalrError(f"{self.name}: chat='on' but the tokenizer has no chat template")
+            return True
+        if chat in (False, "off"):
+            return False
+        if chat != "auto":
+            raise PalrError(f"chat must be 'auto', 'on' or 'off', not {chat!r}")
+        return has
+
+    def wrap(self, prompt: str) -> str:
+        """The text the model reads for ``prompt``: itself, or its chat-template form (see the module doc)."""
+        if not self.chat:
+            return prompt
+        body, cue = split_cue(prompt)
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
+                                                  add_generation_prompt=True)
+        bos = self.tokenizer.bos_token
+        if bos and text.startswith(bos):  # encode() adds it again
+            text = text[len(bos):]
+        return text + cue
 
     @staticmethod
     def _apply_adapter(model: Any, adapter: Path) -> Any:
@@ -135,7 +167,7 @@ class HFLLM:
         return input_ids.to(self.device), mask.to(self.device), position_ids.to(self.device)
 
     def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
-        return [list(self.tokenizer.encode(p, add_special_tokens=True)) for p in prompts]
+        return [list(self.tokenizer.encode(self.wrap(p), add_special_tokens=True)) for p in prompts]
 
     def _last_logits(self, ids: Sequence[Sequence[int]], keep: int) -> Any:
         """Float32 logits of the last ``keep`` positions: (B, keep, V); the LM head runs on those only."""
@@ -164,7 +196,6 @@ class HFLLM:
 
     def score_choices(self, prompts: list[str], labels: list[str]) -> np.ndarray:
         """(B, L) log p(label | prompt); exact for multi-token labels (teacher forcing, summed)."""
-        import torch
 
         if not labels:
             return np.zeros((len(prompts), 0), dtype=np.float32)
@@ -172,9 +203,15 @@ class HFLLM:
         if all(len(x) == 1 for x in label_ids):
             cols = np.array([x[0] for x in label_ids])
             return self.next_token_logprobs(prompts)[:, cols]
-        prompt_ids = self._encode(prompts)
-        pairs = [(b, j) for b in range(len(prompts)) for j in range(len(labels))]
-        out = np.zeros((len(prompts), len(labels)), dtype=np.float32)
+        per_token = self._pair_logprobs(self._encode(prompts), label_ids)
+        return np.array([[sum(x) for x in row] for row in per_token], dtype=np.float32)
+
+    def _pair_logprobs(self, prompt_ids: list[list[int]], label_ids: list[list[int]]) -> list[list[list[float]]]:
+        """[prompt][label] -> log-probability of each label token (teacher forcing, batched pairs)."""
+        import torch
+
+        pairs = [(b, j) for b in range(len(prompt_ids)) for j in range(len(label_ids))]
+        out: list[list[list[float]]] = [[[] for _ in label_ids] for _ in prompt_ids]
         lmax = max(len(x) for x in label_ids)
         for sl in _chunks(len(pairs), self.batch_size):
             chunk = pairs[sl]
@@ -186,8 +223,19 @@ class HFLLM:
                 m = len(label_ids[j])
                 idx = torch.arange(lmax - m, lmax)
                 toks = torch.tensor(label_ids[j], device=logp.device)
-                out[b, j] = float(logp[row, idx, toks].sum())
+                out[b][j] = logp[row, idx, toks].tolist()
         return out
+
+    def token_logprobs(self, prompt: str, continuations: list[str]) -> list[list[tuple[str, float]]]:
+        """Per continuation, its tokens (text) and their log-probabilities after ``prompt`` (tokenized apart,
+        as :meth:`score_choices` does): what palr's server returns for an echo request."""
+        ids = label_token_ids(self.tokenizer, continuations)
+        if all(len(x) == 1 for x in ids):
+            lp = self.next_token_logprobs([prompt])[0]
+            per = [[float(lp[x[0]])] for x in ids]
+        else:
+            per = self._pair_logprobs(self._encode([prompt]), ids)[0]
+        return [[(self.tokenizer.decode([t]), v) for t, v in zip(x, vals)] for x, vals in zip(ids, per)]
 
     # ------------------------------------------------------------------------ generation
     def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,

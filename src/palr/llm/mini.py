@@ -23,6 +23,7 @@ import numpy as np
 
 from palr.data.dataset import Catalog
 from palr.errors import PalrError
+from palr.prompts import item_token, label_token
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,6 @@ __all__ = [
 MINI_INFO = "palr_mini.json"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 _ITEM = re.compile(r"<i(\d+)>")
-
-
-def item_token(i: int) -> str:
-    """The added token of dense item index ``i``: ``<i123>``."""
-    return f"<i{int(i)}>"
-
-
-def label_token(k: int) -> str:
-    """The ``k``-th verbalizer label token: ``<c0>``, ``<c1>``, ..."""
-    return f"<c{int(k)}>"
 
 
 def label_tokens(n: int) -> list[str]:

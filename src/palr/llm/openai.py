@@ -4,10 +4,17 @@ Requests go through ``httpx`` with a timeout, retries with exponential back-off 
 429/5xx and malformed answers), and a thread pool bounding concurrent requests. After the last retry a
 :class:`PalrError` says what went wrong. Nothing is sent until a method is called.
 
-``score_choices`` asks for the first answer token's ``top_logprobs`` and reads each label there (labels should be
-single tokens; the exact token text wins, else the stripped text). Labels missing from the top-k get ``-inf``. When the server returns no
-log-probabilities, the backend generates a short answer and parses the first label in it: that label gets 0,
-the others ``-inf``; ``self.last_scoring`` then reads ``"parsed"`` instead of ``"logprobs"``.
+``score_choices`` asks for the log-probabilities of the label tokens themselves (``"echo"``): one completions
+request per prompt holding ``prompt + label`` for every label, with ``echo=true`` and ``logprobs``; the label's
+tokens (found by ``text_offset``) are summed, so multi-token labels are scored exactly and any number of labels
+works. vLLM and palr's own server answer this; a server that refuses it (or the chat API) falls back to the first
+answer token's ``top_logprobs`` (labels missing from the top-k get ``-inf``), and a server with no
+log-probabilities at all to a short generated answer whose first label gets 0 and the others ``-inf``.
+``self.last_scoring`` says which ("echo", "top_logprobs", "parsed").
+
+Failures are counted (``self.failures``: requests that failed after all retries). A server that cannot be reached
+(connection refused, timeouts) raises :class:`palr.errors.LLMUnavailable`; after one such failure the next requests
+get a single attempt until one succeeds, so a dead server is noticed in seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from palr.errors import PalrError
+from palr.errors import LLMUnavailable, PalrError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,10 @@ _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 class _Malformed(Exception):
     """The server answered 200 with a body that is not the protocol."""
+
+
+class _Refused(PalrError):
+    """The server answered 4xx: the request itself is not accepted (retrying will not help)."""
 
 
 def normalize_base_url(url: str) -> str:
@@ -74,6 +85,9 @@ class OpenAILLM:
         self.top_logprobs = int(top_logprobs)
         self.name = f"openai:{model}@{self.base_url}"
         self.last_scoring = "none"
+        self.failures = 0  # requests that failed after all retries
+        self.consecutive_unreachable = 0
+        self._echo: bool | None = None  # does the server answer echo scoring? (None: not tried yet)
         self._client: Any = None
 
     # ------------------------------------------------------------------------ transport
@@ -96,28 +110,39 @@ class OpenAILLM:
         import httpx
 
         last = "no attempt"
-        for attempt in range(self.max_retries + 1):
+        unreachable = False
+        attempts = 1 if self.consecutive_unreachable else self.max_retries + 1
+        for attempt in range(attempts):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 resp = self._http().post(path, json=body)
             except httpx.TimeoutException:
-                last = f"timed out after {self.timeout:g} s"
+                last, unreachable = f"timed out after {self.timeout:g} s", True
             except httpx.TransportError as e:
-                last = f"connection failed ({type(e).__name__}: {e})"
+                last, unreachable = f"connection failed ({type(e).__name__}: {e})", True
             else:
+                unreachable = False
                 if resp.status_code in _RETRY_STATUS:
                     last = f"HTTP {resp.status_code}: {resp.text[:200]}"
                 elif resp.status_code >= 400:
-                    raise PalrError(f"{self.base_url}{path} refused the request: HTTP {resp.status_code}: "
-                                    f"{resp.text[:300]}")
+                    self.consecutive_unreachable = 0
+                    raise _Refused(f"{self.base_url}{path} refused the request: HTTP {resp.status_code}: "
+                                   f"{resp.text[:300]}")
                 else:
                     try:
-                        return parse(resp.json())
+                        out = parse(resp.json())
+                        self.consecutive_unreachable = 0
+                        return out
                     except (ValueError, KeyError, IndexError, TypeError, _Malformed) as e:
                         last = f"malformed answer ({type(e).__name__}: {e}): {resp.text[:200]!r}"
-            log.warning("%s%s attempt %d/%d: %s", self.base_url, path, attempt + 1, self.max_retries + 1, last)
-        raise PalrError(f"LLM server {self.base_url}{path} failed after {self.max_retries + 1} attempts: {last}")
+            log.warning("%s%s attempt %d/%d: %s", self.base_url, path, attempt + 1, attempts, last)
+        self.failures += 1
+        if unreachable:
+            self.consecutive_unreachable += 1
+            raise LLMUnavailable(f"LLM server {self.base_url} unreachable ({attempts} attempts): {last}")
+        self.consecutive_unreachable = 0
+        raise PalrError(f"LLM server {self.base_url}{path} failed after {attempts} attempts: {last}")
 
     def _map(self, fn: Any, items: list[Any]) -> list[Any]:
         if len(items) <= 1 or self.concurrency == 1:
@@ -150,11 +175,43 @@ class OpenAILLM:
         return [text for text, _ in self._map(
             lambda p: self._request(p, max_new_tokens, temperature, stop, None, kw), prompts)]
 
+    def _echo_scores(self, prompt: str, labels: list[str]) -> np.ndarray:
+        """(L,) log p(label | prompt): the label tokens' log-probabilities from one echo request."""
+        body = {"model": self.model, "prompt": [prompt + label for label in labels], "max_tokens": 1,
+                "temperature": 0.0, "echo": True, "logprobs": 1}
+        choices = self._post("/completions", body, _parse_echo)
+        if len(choices) != len(labels):
+            raise _Refused(f"echo scoring: {len(choices)} answers for {len(labels)} prompts")
+        start = len(prompt)
+        out = np.empty(len(labels), dtype=np.float32)
+        for j, (label, (tokens, logprobs, offsets)) in enumerate(zip(labels, choices)):
+            end = start + len(label)
+            total, n = 0.0, 0
+            for tok, lp, off in zip(tokens, logprobs, offsets):
+                if off < end and off + max(len(tok), 1) > start:  # a token of the label (or straddling into it)
+                    if lp is None:
+                        raise _Refused("echo scoring: no log-probability for a label token")
+                    total, n = total + lp, n + 1
+            if n == 0:
+                raise _Refused(f"echo scoring: no token of label {label!r} in the answer")
+            out[j] = total
+        return out
+
     def score_choices(self, prompts: list[str], labels: list[str]) -> np.ndarray:
-        """(B, L) log-probabilities of each label as the first answer token (see the module docstring)."""
+        """(B, L) log p(label | prompt) (see the module docstring for the three ways it is obtained)."""
         out = np.full((len(prompts), len(labels)), -np.inf, dtype=np.float32)
         if not labels:
             return out
+        if self.api == "completions" and self._echo is not False:
+            try:
+                rows = self._map(lambda p: self._echo_scores(p, labels), prompts)
+            except _Refused as e:
+                log.warning("%s does not score label tokens by echo (%s); using top_logprobs", self.base_url, e)
+                self._echo = False
+            else:
+                self._echo = True
+                self.last_scoring = "echo"
+                return np.stack(rows) if rows else out
         keys = [label.strip() for label in labels]
         answers = self._map(lambda p: self._request(p, 1, 0.0, None, self.top_logprobs, {}), prompts)
         modes = set()
@@ -179,6 +236,7 @@ class OpenAILLM:
                 if j is not None:
                     out[b, j] = 0.0
         self.last_scoring = "mixed" if len(modes) > 1 else (modes.pop() if modes else "none")
+        self.last_scoring = self.last_scoring.replace("logprobs", "top_logprobs")
         return out
 
 
@@ -192,6 +250,25 @@ def _first_label(text: str, keys: list[str]) -> int | None:
         if m and (best is None or (m.start(), -len(k)) < (best[0], best[1])):
             best = (m.start(), -len(k), j)
     return None if best is None else best[2]
+
+
+def _parse_echo(data: dict[str, Any]) -> list[tuple[list[str], list[float | None], list[int]]]:
+    """Per choice (in prompt order): tokens, their log-probabilities (None where the server gave none), offsets."""
+    out = []
+    for choice in sorted(data["choices"], key=lambda c: c.get("index", 0)):
+        lp = choice.get("logprobs")
+        if not isinstance(lp, dict) or not lp.get("tokens") or lp.get("token_logprobs") is None:
+            raise _Refused("echo scoring: the answer has no token log-probabilities")
+        tokens = [str(t) for t in lp["tokens"]]
+        logprobs = [None if v is None else float(v) for v in lp["token_logprobs"]]
+        offsets = lp.get("text_offset")
+        if offsets is None:  # rebuild from the token texts
+            offsets, pos = [], 0
+            for t in tokens:
+                offsets.append(pos)
+                pos += len(t)
+        out.append((tokens, logprobs, [int(o) for o in offsets]))
+    return out
 
 
 def _parse_completion(data: dict[str, Any]) -> tuple[str, list[dict[str, float]] | None]:

@@ -2,7 +2,10 @@
 
 The app is thin: the model is loaded once in the ``lifespan`` handler and the HTTP layer only translates
 requests. ``logprobs`` (completions) and ``logprobs``/``top_logprobs`` (chat) are served when the backend has
-``generate_with_logprobs`` (the ``hf``/``mini`` backends). ``delay_s`` and ``fault="malformed"`` exist for
+``generate_with_logprobs`` (the ``hf``/``mini`` backends). ``echo`` with ``logprobs`` (completions) scores the
+prompts themselves, as vLLM does, for clients that need the log-probabilities of given answer labels: the prompts
+of one request are scored after their longest common prefix (cut at a whitespace), in one forward pass when each
+remainder is one token; the prefix is reported as one token with a null log-probability. ``delay_s`` and ``fault="malformed"`` exist for
 tests of client timeouts and garbage answers. Run it with ``python -m palr.llm.server SPEC --port 8000``.
 """
 
@@ -35,6 +38,7 @@ def _schemas() -> tuple[type, type]:
         temperature: float = 0.0
         stop: str | list[str] | None = None
         logprobs: int | None = None
+        echo: bool = False
 
     class ChatRequest(BaseModel):
         model: str = "palr"
@@ -59,10 +63,34 @@ def _run(llm: LLM, prompts: list[str], max_tokens: int, temperature: float, stop
     return llm.generate(prompts, max_new_tokens=max_tokens, temperature=temperature, stop=stop), None
 
 
+def _echo(llm: LLM, prompts: list[str]) -> list[dict[str, Any]]:
+    """OpenAI ``logprobs`` objects for echoed prompts, scored after their common prefix (see the module doc)."""
+    import os
+
+    if not hasattr(llm, "token_logprobs"):
+        raise ValueError(f"{getattr(llm, 'name', 'this backend')} cannot score prompts (echo)")
+    prefix = os.path.commonprefix(prompts)
+    cut = len(prefix)
+    while cut > 0 and not all(p[cut:cut + 1].isspace() for p in prompts):
+        cut = max(prefix.rfind(" ", 0, cut), prefix.rfind("\n", 0, cut), 0)
+    scored = llm.token_logprobs(prefix[:cut], [p[cut:] for p in prompts])  # type: ignore[attr-defined]
+    out = []
+    for steps in scored:
+        tokens, lps, offs, pos = [prefix[:cut]], [None], [0], cut
+        for tok, lp in steps:
+            tokens.append(tok)
+            lps.append(lp)
+            offs.append(pos)
+            pos += len(tok)
+        out.append({"tokens": tokens, "token_logprobs": lps, "text_offset": offs,
+                    "top_logprobs": [None] * len(tokens)})
+    return out
+
+
 def create_app(llm: str | LLM | Callable[[], LLM], *, model_name: str = "palr", delay_s: float = 0.0,
                fault: str | None = None, **llm_options: Any) -> Any:
     """A FastAPI app serving ``llm`` (a spec for :func:`load_llm`, an LLM, or a factory), loaded at startup."""
-    from fastapi import FastAPI
+    from fastapi import FastAPI, HTTPException
 
     CompletionRequest, ChatRequest = _schemas()
 
@@ -95,6 +123,19 @@ def create_app(llm: str | LLM | Callable[[], LLM], *, model_name: str = "palr", 
         if fault == "malformed":
             return {"choices": [{"unexpected": True}]}
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if req.echo:
+            if not req.logprobs:
+                raise HTTPException(400, "echo is served with logprobs only (prompt scoring)")
+            try:
+                if delay_s:
+                    await asyncio.sleep(delay_s)
+                async with app.state.lock:
+                    scored = await asyncio.to_thread(_echo, app.state.llm, prompts)
+            except ValueError as e:
+                raise HTTPException(400, str(e)) from None
+            return {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": "text_completion", "created": int(time.time()),
+                    "model": model_name, "choices": [{"index": k, "text": p, "logprobs": lp, "finish_reason": "length"}
+                                                     for k, (p, lp) in enumerate(zip(prompts, scored))]}
         texts, details = await _call(prompts, req.max_tokens, req.temperature, _stops(req.stop), req.logprobs)
         choices = []
         for k, text in enumerate(texts):
