@@ -230,6 +230,24 @@ def test_a_failing_llm_keeps_the_retriever_order(tiny_run: dict) -> None:
     assert res.order.tolist() == cands.tolist()
 
 
+def test_the_embedded_model_served_over_openai_ranks_as_the_local_one(tiny_run: dict) -> None:
+    """`palr model serve mini:RUN/llm` + `--llm openai:...` on the PALR run: the same item-token log-probs."""
+    from palr.llm.server import BackgroundServer, create_app
+    from palr.pipeline import PALR
+
+    local = PALR.load(tiny_run["palr"])
+    hist = local.split.histories("test")[:4]
+    cands, _ = local.candidates(hist)
+    prof = [local.profile_text(h) for h in hist]
+    with BackgroundServer(create_app(f"mini:{tiny_run['palr'] / 'llm'}")) as url:
+        served = PALR.load(tiny_run["palr"], llm=f"openai:palr@{url}", allow_fallback=False)
+        assert served.ranker.builder.style == "tokens"
+        np.testing.assert_allclose(served.ranker.verbalizer_logprobs(hist, prof, cands),
+                                   local.ranker.verbalizer_logprobs(hist, prof, cands), atol=1e-3)
+        rec = served.recommend(user=local.split.dataset.user_ids[0], k=3)
+        assert rec.llm["ranked_by"] == "llm"
+
+
 def test_generative_mode_only_returns_candidates_even_with_injected_titles(tiny_run: dict) -> None:
     from palr.pipeline import PALR
 

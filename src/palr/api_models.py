@@ -6,7 +6,7 @@ run's candidate count, checked by :meth:`palr.pipeline.PALR.recommend` (422 too)
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -16,7 +16,7 @@ ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ITEM_ID)]
 
 
 class RecommendRequest(BaseModel):
-    """A known user (their whole history is used) or a history of item ids for a new user; not both."""
+    """A known user (their whole history is used), a history of item ids, or of titles, for a new user: one."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -24,23 +24,29 @@ class RecommendRequest(BaseModel):
                              examples=["1"])
     history: list[ItemId] | None = Field(None, max_length=MAX_HISTORY,
                                          description="Item ids, oldest first (a new user).", examples=[["50", "181"]])
+    history_titles: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        None, max_length=MAX_HISTORY, description="Titles, oldest first, matched fuzzily (the matches are returned).",
+        examples=[["Star Wars (1977)", "Fargo (1996)"]])
     k: int = Field(10, ge=1, description="How many items: 1 to the run's candidate count (GET /health: max_k).")
     explain: bool = Field(False, description="One grounded sentence per item.")
 
     @model_validator(mode="after")
     def _one_of(self) -> RecommendRequest:
-        if (self.user is None) == (self.history is None):
-            raise ValueError("give 'user' or 'history', not both" if self.user is not None else
-                             "give 'user' or 'history'")
+        if sum(x is not None for x in (self.user, self.history, self.history_titles)) != 1:
+            raise ValueError("give one of 'user', 'history' or 'history_titles'")
         return self
 
 
 class RecommendedItem(BaseModel):
     item: str = Field(description="The item's original id.")
     title: str
-    score: float = Field(description="The fused ranking score (higher is better).")
-    retriever_rank: int = Field(description="The item's rank in the retriever's candidate list (1 = first).")
+    score: float | None = Field(description="The fused ranking score (higher is better); none for popularity "
+                                "fallback items.")
+    retriever_rank: int | None = Field(description="The item's rank in the retriever's candidate list (1 = first).")
+    popularity: int | None = Field(None, description="Fallback items (no usable history): interactions in training.")
     explanation: str | None = Field(None, description="With explain=true: why this item.")
+    because: list[dict[str, Any]] | None = Field(None, description="The explanation's evidence: history items and "
+                                                 "the attributes each shares with this item.")
 
 
 class RecommendResponse(BaseModel):
@@ -48,6 +54,9 @@ class RecommendResponse(BaseModel):
     profile: str = Field(description="The user's profile (PALR step 1).")
     items: list[RecommendedItem]
     notes: list[str] = Field(description="Anything the caller should know: ignored ids, fallbacks.")
+    llm: dict[str, Any] = Field(default_factory=dict, description="Who ranked (llm, retriever fallback, "
+                                "popularity), the LLM, its failures and fallbacks so far.")
+    matches: list[dict[str, Any]] = Field(default_factory=list, description="history_titles: what each matched.")
 
 
 class CatalogItem(BaseModel):

@@ -33,6 +33,12 @@ TimeColOpt = typer.Option("timestamp", "--time-col", help="csv:PATH: the timesta
 ItemsFileOpt = typer.Option(None, "--items-file", help="csv:PATH: item CSV (id, title, attribute columns).")
 
 
+LLMOpt = typer.Option(None, "--llm", help="Rank with this LLM: hf:PATH_OR_ID, openai:MODEL@URL, mini:DIR. "
+                      "With a retriever run: zero-shot ranking of its candidates.")
+FallbackOpt = typer.Option(False, "--allow-fallback", help="Keep the retriever's order when the LLM server cannot "
+                           "be reached (counted), instead of stopping.")
+
+
 def user_file_options(user_col: str, item_col: str, time_col: str, items_file: Path | None) -> dict[str, object]:
     return {"user_col": user_col, "item_col": item_col, "time_col": time_col or None, "items_file": items_file}
 
@@ -123,18 +129,23 @@ def evaluate(run_arg: Path | None = typer.Argument(None, metavar="[RUN]", help=R
                                                                    help="(PALR runs) the retriever's own predictions."),
              candidates: int = typer.Option(0, "--candidates", help="Also write each test user's top-N and its recall."),
              candidates_out: Path | None = typer.Option(None, "--candidates-out", help="Where to write candidates JSONL."),
-             seed: int = typer.Option(0, help="Random seed for retrievers fitted here and for the order of ties."),
+             seed: int = typer.Option(0, help="Random seed for retrievers fitted here, for the order of ties "
+                                      "and for --users."),
              seeds: str | None = typer.Option(None, "--seeds", help="Comma-separated seeds (e.g. 0,1,2): fit and "
                                                 "evaluate once per seed; report mean ± sd."),
              per_user: Path | None = typer.Option(None, "--per-user", help="Per-user test metrics CSV (every model)."),
              baseline: str | None = typer.Option(None, "--baseline", help="The model the others are compared with "
                                                  "(default: the first --retriever)."),
+             llm: str | None = LLMOpt, allow_fallback: bool = FallbackOpt,
+             users: int = typer.Option(0, "--users", help="With a PALR run or --llm: a seeded sample of test users "
+                                       "(0 = all)."),
              data_dir: Path | None = DataDirOpt,
              user_col: str = UserColOpt, item_col: str = ItemColOpt, time_col: str = TimeColOpt,
              items_file: Path | None = ItemsFileOpt) -> None:
     """Full-ranking leave-one-out evaluation on valid and test; writes results.json and predictions; every model
     is compared with the baseline on the same users (paired-bootstrap 95% CIs, p-value).
 
+    With --llm, --candidates N is the number of retriever candidates the LLM ranks (default 20).
     Under `torchrun`/`accelerate launch` the users are split across the processes and gathered (same figures)."""
     from palr import distributed
     from palr.evaluation import results_table
@@ -145,14 +156,26 @@ def evaluate(run_arg: Path | None = typer.Argument(None, metavar="[RUN]", help=R
         raise PalrError("--seeds refits the retrievers: give --dataset and --retriever, not --run")
     distributed.init()
     if run is not None:
+        import json as _json
+
         from palr.runs import read_run
 
-        kind = read_run(run)["kind"]
-        if kind == "palr":
+        read_run(run)
+        kind = _json.loads((run / "run.json").read_text())["kind"]
+        if kind == "palr" or llm:
             from palr.pipeline import evaluate_palr_run
 
             doc = evaluate_palr_run(run, out=out, predictions=predictions, retriever_predictions=retriever_predictions,
-                                    data_dir=data_dir, per_user=per_user)
+                                    data_dir=data_dir, per_user=per_user, llm=llm, allow_fallback=allow_fallback,
+                                    n_users=users, seed=seed, n_candidates=(candidates or None) if llm else None,
+                                    latency_users=20 if llm else 100)
+            if doc is None:  # a worker process of a sharded evaluation: the main process reports
+                return
+            counts = doc["llm"]
+            console.print(f"LLM {counts['name']}: {doc['llm_failures']} of {doc['protocol']['test_users']} test users "
+                          f"fell back to the retriever's order; {counts['request_failures']} failed requests; "
+                          f"profiles: {counts['profiler']} ({counts['profile_fallbacks']} fallbacks)",
+                          highlight=False, markup=False)
         else:
             from palr.retrieval.train import evaluate_models, load_run
 
@@ -204,6 +227,8 @@ def profile(dataset: str = DatasetOpt,
             cache: Path | None = typer.Option(None, "--cache", help="SQLite profile cache file."),
             out: Path | None = typer.Option(None, "--out", "-o", help="Write JSON lines here."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+            allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Use attribute profiles when the "
+                                                "LLM server cannot be reached, instead of stopping."),
             data_dir: Path | None = DataDirOpt) -> None:
     """PALR step 1: a user's profile as short keywords (attributes, or written by an LLM)."""
     from rich.markup import escape
@@ -214,7 +239,7 @@ def profile(dataset: str = DatasetOpt,
     if all_users == (user is not None):
         raise PalrError("give exactly one of --user ID or --all")
     profiles = profile_dataset(load_dataset(dataset, data_dir), None if all_users else [user or ""], llm=llm,
-                               cache=cache, stage=stage, progress=all_users)
+                               cache=cache, stage=stage, progress=all_users, allow_fallback=allow_fallback)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in profiles))
@@ -328,35 +353,57 @@ def finetune_cmd(run_arg: Path | None = typer.Argument(None, metavar="RUN", help
 
 
 @app.command("recommend")
-def recommend_cmd(run: Path = typer.Option(..., "--run", help="A PALR run (palr finetune)."),
+def recommend_cmd(run: Path = typer.Option(..., "--run", help="A PALR run (palr finetune), or a retriever run "
+                                           "with --llm."),
                   user: str | None = typer.Option(None, "--user", "-u", help="Original user id."),
                   history: str | None = typer.Option(None, "--history", help="Comma-separated original item ids."),
+                  history_titles: str | None = typer.Option(None, "--history-titles",
+                                                            help="Titles separated by '|', matched fuzzily."),
+                  llm: str | None = LLMOpt, allow_fallback: bool = FallbackOpt,
                   k: int = typer.Option(10, "--k", min=1, help="How many items (1 to the run's candidate count)."),
                   explain: bool = typer.Option(False, "--explain", help="One sentence per item."),
                   mode: RankMode | None = typer.Option(None, "--mode", help="Ranking mode (default: the run's)."),
                   as_json: bool = typer.Option(False, "--json", help="Print JSON."),
                   data_dir: Path | None = DataDirOpt) -> None:
-    """Recommend for a known user or a given history (not both): profile, ranked items, explanations."""
-    from rich.markup import escape
+    """Recommend for a known user, a given history of ids, or of titles (one of them): profile, ranked items,
+    explanations."""
 
     from palr.pipeline import PALR
+    from palr.titles import split_titles
 
-    if (user is None) == (history is None):
-        raise InputError("give --user ID or --history ID,ID,... (not both)" if user is not None else
-                         "give --user ID or --history ID,ID,...")
+    if sum(x is not None for x in (user, history, history_titles)) != 1:
+        raise InputError("give one of --user ID, --history ID,ID,... or --history-titles 'TITLE|TITLE'")
     hist = [h.strip() for h in history.split(",") if h.strip()] if history is not None else None
-    palr = PALR.load(run, data_dir, mode=mode.value if mode else None)
-    rec = palr.recommend(user=user, history=hist, k=k, explain=explain)
+    titles = split_titles(history_titles) if history_titles is not None else None
+    palr = PALR.load(run, data_dir, mode=mode.value if mode else None, llm=llm, allow_fallback=allow_fallback)
+    rec = palr.recommend(user=user, history=hist, k=k, explain=explain, history_titles=titles)
     if as_json:
         print(json.dumps(rec.to_dict(), indent=2))
         return
-    for n in rec.notes:
+    print_recommendation(rec)
+
+
+def print_recommendation(rec: object) -> None:
+    """Titles are catalogue data: always printed quoted and cleaned, never as markup."""
+    from rich.markup import escape
+
+    from palr.prompts import clean_text
+
+    for m in rec.matches:  # type: ignore[attr-defined]
+        got = f'"{clean_text(m["title"])}" ({m["item"]}, score {m["score"]:.0f})' if m["item"] else "no match"
+        console.print(f"[dim]title[/dim] {escape(repr(m['query']))} -> {escape(got)}")
+    for n in rec.notes:  # type: ignore[attr-defined]
         console.print(f"[yellow]note:[/yellow] {escape(n)}")
-    console.print(f"[bold]profile:[/bold] {escape(rec.profile)}")
-    for i, it in enumerate(rec.items, 1):
-        console.print(f"{i:>2}. {escape(it['title'])} [dim]({escape(it['item'])}, score {it['score']:.3f})[/dim]")
+    llm = rec.llm  # type: ignore[attr-defined]
+    console.print(f"[bold]ranked by:[/bold] {escape(str(llm.get('ranked_by')))} ({escape(str(llm.get('name')))}; "
+                  f"LLM failures so far: {llm.get('ranking_fallback_users', 0)})")
+    console.print(f"[bold]profile:[/bold] {escape(rec.profile)}")  # type: ignore[attr-defined]
+    for i, it in enumerate(rec.items, 1):  # type: ignore[attr-defined]
+        how = (f"popularity {it['popularity']}" if it.get("score") is None else f"score {it['score']:.3f}")
+        console.print(f'{i:>2}. "{escape(clean_text(it["title"]))}" [dim]({escape(it["item"])}, {how})[/dim]',
+                      soft_wrap=True)
         if it.get("explanation"):
-            console.print(f"    {escape(it['explanation'])}")
+            console.print(f"    {escape(it['explanation'])}", soft_wrap=True)
 
 
 @app.command("demo")
@@ -386,7 +433,7 @@ def report_cmd(runs: list[Path] = typer.Argument(..., help="Run directories (PAL
 
 
 @app.command("serve")
-def serve_cmd(run: Path = typer.Option(..., "--run", help="A PALR run (palr finetune)."),
+def serve_cmd(run: Path = typer.Option(..., "--run", help="A PALR run (palr finetune), or a retriever run with --llm."),
               host: str = typer.Option("127.0.0.1", help="Interface to bind."),
               port: int = typer.Option(8000, help="TCP port."),
               token: str | None = typer.Option(None, "--token", envvar="PALR_TOKEN", show_envvar=True,
@@ -397,13 +444,14 @@ def serve_cmd(run: Path = typer.Option(..., "--run", help="A PALR run (palr fine
               max_concurrent: int = typer.Option(4, "--max-concurrent", min=1, help="Requests computed at once."),
               max_queue: int = typer.Option(64, "--max-queue", min=0,
                                             help="Requests waiting for a slot; more get 503."),
+              llm: str | None = LLMOpt, allow_fallback: bool = FallbackOpt,
               data_dir: Path | None = DataDirOpt) -> None:
     """Web page at / and JSON API: GET /items?q=, GET /users/ID, POST /recommend (docs at /docs)."""
     from palr.service import ServiceConfig, serve
 
     cfg = ServiceConfig(host=host, port=port, token=token, cors_origins=list(cors_origin or []),
                         max_body_bytes=max_body, max_concurrent=max_concurrent, max_queue=max_queue)
-    serve(run, cfg, data_dir=data_dir)
+    serve(run, cfg, data_dir=data_dir, llm=llm, allow_fallback=allow_fallback)
 
 
 @app.command("compare")

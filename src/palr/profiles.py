@@ -481,14 +481,16 @@ class HistoryProfiles:
 
 
 def profile_dataset(dataset: Dataset, users: Sequence[str] | None = None, *, llm: str | None = None,
-                    cache: str | Path | None = None, stage: str = "all", progress: bool = False) -> list[Profile]:
+                    cache: str | Path | None = None, stage: str = "all", progress: bool = False,
+                    allow_fallback: bool = True) -> list[Profile]:
     """Profiles of ``users`` (all users when None) of a loaded data set: what ``palr profile`` prints."""
     wanted = list(dataset.user_ids) if users is None else [str(u) for u in users]
     for u in wanted:
         user_history(dataset, u, stage)  # unknown users fail before any model is loaded
     store = ProfileCache(cache) if cache else None
     try:
-        return profile_users(dataset, wanted, make_profiler(llm), stage=stage, cache=store, progress=progress)
+        return profile_users(dataset, wanted, make_profiler(llm, allow_fallback=allow_fallback), stage=stage,
+                             cache=store, progress=progress)
     finally:
         if store is not None:
             store.close()

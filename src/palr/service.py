@@ -3,6 +3,9 @@
 The run is loaded once in the ``lifespan`` handler, never at import; the app only translates HTTP to
 :class:`palr.pipeline.PALR` calls. Endpoints: ``GET /`` (the page), ``GET /health``, ``GET /items?q=&limit=``
 (title search), ``GET /users``, ``GET /users/{id}``, ``POST /recommend``; schemas in :mod:`palr.api_models`.
+A recommendation may start from a user, item ids or titles (``history_titles``, matched fuzzily, the matches
+returned); every response carries ``llm`` (who ranked, LLM failures and fallbacks so far). An LLM server that
+cannot be reached gives 503 (unless the service was started with ``--allow-fallback``).
 
 Hardening (:class:`ServiceConfig`): a request body limit (413, checked before the body is read), field limits and
 ``k`` in 1..candidates (422), error messages that never echo large input, an optional bearer token for the API
@@ -115,8 +118,9 @@ def _clean_errors(errors: Any) -> list[dict[str, Any]]:
 
 
 def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
-               config: ServiceConfig | None = None) -> Any:
-    """A FastAPI app serving one PALR run (``run`` may also be an already loaded ``PALR``)."""
+               config: ServiceConfig | None = None, llm: "str | None" = None, allow_fallback: bool = True) -> Any:
+    """A FastAPI app serving one PALR run (``run`` may also be an already loaded ``PALR``); ``llm`` ranks with
+    another model (zero-shot over a retriever run)."""
     from fastapi import Depends, FastAPI, HTTPException, Query, Request
     from fastapi import Path as PathParam
     from fastapi.exceptions import RequestValidationError
@@ -131,7 +135,7 @@ def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
         UserResponse,
         UsersResponse,
     )
-    from palr.errors import InputError, PalrError, UnknownUserError
+    from palr.errors import InputError, LLMUnavailable, PalrError, UnknownUserError
     from palr.pipeline import MAX_USER_ID
 
     cfg = config or ServiceConfig()
@@ -141,7 +145,7 @@ def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         from palr.pipeline import PALR
 
-        state["palr"] = run if isinstance(run, PALR) else PALR.load(run, data_dir)
+        state["palr"] = run if isinstance(run, PALR) else PALR.load(run, data_dir, llm=llm, allow_fallback=allow_fallback)
         log.info("serving PALR run %s", state["palr"].run)
         yield
         state.clear()
@@ -208,7 +212,10 @@ def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
     @app.post("/recommend", response_model=RecommendResponse, dependencies=api)
     def recommend(req: RecommendRequest) -> dict[str, Any]:
         try:
-            return state["palr"].recommend(user=req.user, history=req.history, k=req.k, explain=req.explain).to_dict()
+            return state["palr"].recommend(user=req.user, history=req.history, k=req.k, explain=req.explain,
+                                           history_titles=req.history_titles).to_dict()
+        except LLMUnavailable as e:
+            raise HTTPException(503, str(e)) from None
         except UnknownUserError as e:
             raise HTTPException(404, str(e)) from None
         except InputError as e:
@@ -226,7 +233,8 @@ def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
     return app
 
 
-def serve(run: "str | Path", config: ServiceConfig | None = None, data_dir: "str | Path | None" = None) -> None:
+def serve(run: "str | Path", config: ServiceConfig | None = None, data_dir: "str | Path | None" = None,
+          llm: "str | None" = None, allow_fallback: bool = True) -> None:
     """Run the service in the foreground (``palr serve``); the token falls back to $PALR_TOKEN."""
     import uvicorn
 
@@ -235,7 +243,7 @@ def serve(run: "str | Path", config: ServiceConfig | None = None, data_dir: "str
         cfg.token = os.environ["PALR_TOKEN"]
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.token is None:
         log.warning("serving on %s without a token: anyone who can reach it can use the API", cfg.host)
-    uvicorn.run(create_app(run, data_dir, cfg), host=cfg.host, port=cfg.port, log_level="info")
+    uvicorn.run(create_app(run, data_dir, cfg, llm, allow_fallback), host=cfg.host, port=cfg.port, log_level="info")
 
 
 __all__ = ["Guard", "ServiceConfig", "create_app", "serve"]

@@ -136,7 +136,6 @@ def pretrain_rows(tok: Any, split: Split, builder: PromptBuilder, window: int = 
     """Training sequences written as the prompts write a history, cut into windows of ``window`` items;
     labels on the item tokens only (the next-item "language")."""
     from palr.llm.mini import item_token_ids
-
     from palr.prompts import history_head
 
     head = tok.encode(history_head(builder.catalog), add_special_tokens=True)
