@@ -56,7 +56,7 @@ def test_a_retriever_run_ranks_zero_shot_with_any_llm(retriever_run: Path, tiny_
     assert written["llm_failures"] == 0 and "LLM alone (end to end)" in written["results"]
     assert written["fusion_selection"]["valid_users"] == 8 and "rank:inf" in written["fusion_selection"]["table"]
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 12
-    assert len(doc["ranks"]["LLM"]) == 12
+    assert len(doc["ranks"]["LLM alone (end to end)"]["test"]) == 12 and "comparisons" in written
 
 
 def test_the_served_model_ranks_as_the_local_one(retriever_run: Path, tiny_dir: Path, tiny_llm) -> None:
