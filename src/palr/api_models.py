@@ -33,7 +33,9 @@ class RecommendRequest(BaseModel):
     @model_validator(mode="after")
     def _one_of(self) -> RecommendRequest:
         if sum(x is not None for x in (self.user, self.history, self.history_titles)) != 1:
-            raise ValueError("give one of 'user', 'history' or 'history_titles'")
+            given = sum(x is not None for x in (self.user, self.history, self.history_titles))
+            raise ValueError("give 'user' or 'history' (or 'history_titles'), not both" if given else
+                             "give 'user' or 'history' (or 'history_titles')")
         return self
 
 

@@ -371,8 +371,10 @@ def recommend_cmd(run: Path = typer.Option(..., "--run", help="A PALR run (palr 
     from palr.pipeline import PALR
     from palr.titles import split_titles
 
-    if sum(x is not None for x in (user, history, history_titles)) != 1:
-        raise InputError("give one of --user ID, --history ID,ID,... or --history-titles 'TITLE|TITLE'")
+    given = sum(x is not None for x in (user, history, history_titles))
+    if given != 1:
+        raise InputError("give --user ID, --history ID,ID,... or --history-titles 'TITLE|TITLE'"
+                         + (" (not both)" if given else ""))
     hist = [h.strip() for h in history.split(",") if h.strip()] if history is not None else None
     titles = split_titles(history_titles) if history_titles is not None else None
     palr = PALR.load(run, data_dir, mode=mode.value if mode else None, llm=llm, allow_fallback=allow_fallback)
