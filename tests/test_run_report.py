@@ -59,3 +59,18 @@ def test_every_run_has_a_model_card(tiny_ml100k_run: dict[str, Path], tmp_path: 
     write_model_card(run)
     assert "../README.md" in (run / "adapter" / "README.md").read_text()
     assert "Model Card for Model ID" not in (run / "README.md").read_text()
+
+
+def test_report_of_a_retriever_run(tiny_ml100k_run: dict[str, Path], tmp_path: Path) -> None:
+    from palr.report import load_run_data, write_report
+
+    rd = load_run_data(tiny_ml100k_run["retriever"], tiny_ml100k_run["data_dir"])
+    assert list(rd.ranks) == ["sasrec (retriever)"] and len(rd.retriever_history) == 2
+    # the same full-ranking ranks as the PALR run kept for its retriever
+    import numpy as np
+
+    kept = np.load(tiny_ml100k_run["palr"] / "test_ranks.npz")["retriever"]
+    assert np.array_equal(rd.ranks["sasrec (retriever)"], kept)
+    page = write_report([tiny_ml100k_run["retriever"]], tmp_path / "r.html",
+                        data_dir=tiny_ml100k_run["data_dir"]).read_text()
+    assert page.count("<img ") == 5 and "<table class=metrics>" in page

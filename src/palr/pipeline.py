@@ -509,6 +509,7 @@ def save_test_evaluation(run: Path, doc: dict[str, Any], ev: dict[str, Any], ret
     np.savez_compressed(tmp, users=np.asarray(ev["users"], dtype=np.int64), targets=np.asarray(ev["targets"]),
                         palr=np.asarray(ev["ranks"]["PALR (end to end)"]["test"], dtype=np.int64),
                         retriever=np.asarray(ev["ranks"][f"{retriever_name} (retriever)"]["test"], dtype=np.int64))
+    os.chmod(tmp, 0o644)
     os.replace(tmp, run / "test_ranks.npz")
     write_model_card(run)
 

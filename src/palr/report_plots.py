@@ -66,19 +66,25 @@ def training_curves(retriever: Sequence[dict[str, Any]], finetune: dict[str, Any
         a.set_title("retriever")
     if steps:
         x = np.asarray(steps, dtype=float)
-        b.plot(x[:, 0], x[:, 1], color=COLORS[0], lw=1, label="fine-tuning loss (per batch)")
+        b.plot(x[:, 0], x[:, 1], color=COLORS[0], lw=0.6, alpha=0.45)
+        w = max(1, len(x) // 15)
+        smooth = np.convolve(x[:, 1], np.ones(w) / w, mode="valid")
+        b.plot(x[w - 1:, 0], smooth, color=COLORS[0], lw=1.6, label=f"loss (moving mean of {w})")
         b.set_xlabel("fine-tuning batch")
         b.set_ylabel("loss", color=COLORS[0])
     if curve:
         b2 = b.twinx()
         xs = np.cumsum([c["batches"] for c in curve])
-        b2.plot(xs, [c.get("valid_ndcg@10", np.nan) for c in curve], "-s", ms=4, color=COLORS[1],
-                label="valid NDCG@10 (fused)")
-        b2.plot(xs, [c.get("valid_ndcg@10_retriever", np.nan) for c in curve], ":x", color=COLORS[5],
-                label="valid NDCG@10 (retriever alone)")
+        fused = [c.get("valid_ndcg@10", np.nan) for c in curve]
+        alone = [c.get("valid_ndcg@10_retriever", np.nan) for c in curve]
+        b2.plot(xs, fused, "-s", ms=5, color=COLORS[1], label=f"valid NDCG@10, fused (last {fused[-1]:.4f})")
+        b2.plot(xs, alone, ":x", ms=6, color=COLORS[5], label=f"valid NDCG@10, retriever alone ({alone[-1]:.4f})")
+        lo, hi = np.nanmin(fused + alone), np.nanmax(fused + alone)
+        pad = max(0.1 * (hi - lo), 0.02 * hi, 1e-4)
+        b2.set_ylim(lo - 4 * pad, hi + pad)
         b2.set_ylabel("valid NDCG@10", color=COLORS[1])
         b2.grid(False)
-        b2.legend(loc="upper right", fontsize=7, frameon=False)
+        b2.legend(loc="lower left", fontsize=7, frameon=False)
     pre = finetune.get("pretrain_losses") or []
     title_b = "LLM fine-tuning"
     if pre:
