@@ -79,6 +79,25 @@ def test_page_shows_profile_and_recommended_titles(browser, tiny_ml100k_run: dic
         page.close()
 
 
+def test_page_asks_for_the_token(browser, tiny_ml100k_run: dict[str, Path]) -> None:
+    from palr.llm.server import BackgroundServer
+    from palr.pipeline import PALR
+    from palr.service import ServiceConfig, create_app
+
+    palr = PALR.load(tiny_ml100k_run["palr"], tiny_ml100k_run["data_dir"])
+    with BackgroundServer(create_app(palr, config=ServiceConfig(token="s3cret"))) as url:
+        page = browser.new_page()
+        page.goto(url.removesuffix("/v1") + "/?user=1")
+        page.wait_for_selector("#message:not([hidden])", timeout=30_000)
+        assert "401" in page.inner_text("#message") and page.is_visible("#token")
+        page.fill("#token", "s3cret")
+        page.dispatch_event("#token", "change")
+        page.click("#user-form button")
+        page.wait_for_selector("#recs tbody tr", timeout=30_000)
+        assert page.is_hidden("#message") and page.locator("#user-ids option").count() > 0
+        page.close()
+
+
 def test_report_renders_in_the_browser(browser, tiny_ml100k_run: dict[str, Path], shots: Path, tmp_path: Path) -> None:
     from palr.report import write_report
 

@@ -128,9 +128,17 @@ async function search() {
   } catch (e) { showMessage(e.message); }
 }
 
+async function loadUsers() {  // the picker's suggestions
+  try {
+    const users = await api("/users?limit=200");
+    $("user-ids").replaceChildren(...users.users.map((u) => { const o = el("option"); o.value = u; return o; }));
+    showMessage("");
+  } catch (e) { showMessage(e.message); }
+}
+
 async function init() {
   $("token").value = token();
-  $("token").onchange = () => { sessionStorage.setItem("palr-token", $("token").value.trim()); };
+  $("token").onchange = () => { sessionStorage.setItem("palr-token", $("token").value.trim()); loadUsers(); };
   $("user-form").onsubmit = (ev) => { ev.preventDefault(); showUser($("user").value.trim()); };
   $("search").oninput = () => { clearTimeout(searchTimer); searchTimer = setTimeout(search, 200); };
   $("recommend-history").onclick = recommendHistory;
@@ -142,10 +150,7 @@ async function init() {
     $("run-info").textContent = `${h.dataset}: ${h.users.toLocaleString()} users, ` +
       `${h.items.toLocaleString()} items; candidates per user: ${h.max_k}`;
     $("token-box").hidden = !h.auth;
-    if (!h.auth || token()) {
-      const users = await api("/users?limit=200");
-      $("user-ids").replaceChildren(...users.users.map((u) => { const o = el("option"); o.value = u; return o; }));
-    }
+    if (!h.auth || token()) await loadUsers();
   } catch (e) { showMessage(e.message); }
   const user = new URL(location.href).searchParams.get("user");
   if (user) { $("user").value = user; await showUser(user); }
