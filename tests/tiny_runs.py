@@ -42,7 +42,7 @@ def build_tiny_run(root: Path) -> dict[str, Path]:
     rrun = train_run("ml-100k", "sasrec", root / "retriever", params={"epochs": 2, "hidden": 16, "max_len": 50},
                      data_dir=data_dir, progress=False)
     cfg = FinetuneConfig(epochs=1.0, valid_users=40, batch_size=16, mini_vocab=300, mini_dim=32, mini_layers=1,
-                         examples=ExampleConfig(positions_per_user=2, n_candidates=20))
+                         pretrain_epochs=1, examples=ExampleConfig(positions_per_user=2, n_candidates=20))
     prun = finetune(rrun, root / "palr", cfg, data_dir=data_dir, progress=False)
     evaluate_palr_run(prun, data_dir=data_dir, progress=False)
     return {"data_dir": data_dir, "retriever": rrun, "palr": prun, "root": root}
