@@ -35,6 +35,17 @@ def _table(rows: dict[str, dict[str, float]]) -> list[str]:
     return out
 
 
+def _comparison_line(metric: str, c: dict[str, Any]) -> str:
+    def num(x: Any, fmt: str) -> str:
+        return format(x, fmt) if isinstance(x, int | float) else "n/a"
+
+    lo, hi = c.get("diff_ci95") or [None, None]
+    rlo, rhi = c.get("ratio_ci95") or [None, None]
+    return (f"- {metric}: {num(c.get('mean_a'), '.4f')} vs {num(c.get('mean_b'), '.4f')}, difference "
+            f"{num(c.get('diff'), '+.4f')} [{num(lo, '+.4f')}, {num(hi, '+.4f')}], ratio {num(c.get('ratio'), '.3f')}x "
+            f"[{num(rlo, '.3f')}, {num(rhi, '.3f')}], p = {num(c.get('p_value'), '.3g')}")
+
+
 def model_card(run: str | Path) -> str:
     """The card's markdown for a complete run directory."""
     run = Path(run)
@@ -66,6 +77,10 @@ def model_card(run: str | Path) -> str:
     if test:
         lines += ["Test (full ranking, leave-one-out; for PALR a target the retriever missed counts as a miss):", ""]
         lines += _table({name: _scalars(r.get("test", {})) for name, r in test["results"].items()})
+        for entry in (test.get("comparisons") or {}).values():
+            lines += ["", f"{entry['model']} against {entry['baseline']} on the same users (paired bootstrap 95% CIs, "
+                      "paired t-test):", ""]
+            lines += [_comparison_line(m, c) for m, c in entry.get("test", {}).items() if m in ("HR@10", "NDCG@10")]
     else:
         lines += ["Test: not evaluated yet (`palr evaluate --run " + f"{run}` adds the figures here)."]
     lines += ["", "## Configuration", "", "```json", json.dumps(conf, indent=2, default=str), "```", "",
