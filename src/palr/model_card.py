@@ -78,8 +78,8 @@ def model_card(run: str | Path) -> str:
         lines += ["Test (full ranking, leave-one-out; for PALR a target the retriever missed counts as a miss):", ""]
         lines += _table({name: _scalars(r.get("test", {})) for name, r in test["results"].items()})
         for entry in (test.get("comparisons") or {}).values():
-            lines += ["", f"{entry['model']} against {entry['baseline']} on the same users (paired bootstrap 95% CIs, "
-                      "paired t-test):", ""]
+            lines += ["", (f"{entry['model']} against {entry['baseline']} on the same users (paired bootstrap 95% CIs, "
+                      "paired t-test):"), ""]
             lines += [_comparison_line(m, c) for m, c in entry.get("test", {}).items() if m in ("HR@10", "NDCG@10")]
     else:
         lines += ["Test: not evaluated yet (`palr evaluate --run " + f"{run}` adds the figures here)."]

@@ -143,11 +143,15 @@ def segment_section(rd: RunData, values: np.ndarray, what: str, note: str) -> st
     return f"<figure>{fig}<figcaption>{html.escape(note)}</figcaption></figure>{rows}"
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def examples_section(rd: RunData) -> str:
     out = []
     for ex in rd.examples:
-        items = "".join(f"<li><b>{html.escape(it['title'])}</b> <span class=muted>(score {it['score']:.3f}, "
-                        f"{html.escape(rd.retriever_name)} rank {it['retriever_rank']})</span>"
+        items = "".join(f"<li><b>{html.escape(it['title'])}</b> <span class=muted>(score {_num(it.get('score'))}, "
+                        f"{html.escape(rd.retriever_name)} rank {it.get('retriever_rank') or '-'})</span>"
                         f"<div class=why>{html.escape(it.get('explanation') or '')}</div></li>" for it in ex["items"])
         seen = ", ".join(html.escape(t) for t in ex["history"])
         out.append(f"<div class=example><h4>user {html.escape(str(ex['user']))}</h4>"

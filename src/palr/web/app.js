@@ -53,13 +53,17 @@ function renderProfile(title, profile, seen) {
 function renderRecs(rec) {
   $("recs-card").hidden = false;
   $("notes").replaceChildren(...(rec.notes || []).map((n) => el("li", n)));
+  const by = rec.llm && rec.llm.ranked_by;
+  const name = rec.llm && rec.llm.name ? String(rec.llm.name).split("/").filter(Boolean).pop() : "";
+  $("ranked-by").textContent = by ? `ranked by: ${by}${name && name !== by ? " (" + name + ")" : ""}` : "";
   const rows = rec.items.map((it, i) => {
     const tr = el("tr");
     const title = el("td", null, "title");
     title.append(el("div", it.title));
     if (it.explanation) title.append(el("div", it.explanation, "why"));
-    tr.append(el("td", String(i + 1)), title, el("td", it.score.toFixed(3), "num"),
-              el("td", String(it.retriever_rank), "num"));
+    const score = it.score === null || it.score === undefined ? "–" : it.score.toFixed(3);
+    const rank = it.retriever_rank === null || it.retriever_rank === undefined ? "–" : String(it.retriever_rank);
+    tr.append(el("td", String(i + 1)), title, el("td", score, "num"), el("td", rank, "num"));
     return tr;
   });
   $("recs").tBodies[0].replaceChildren(...rows);
