@@ -1,13 +1,18 @@
-"""Inference at scale: a LoRA run exported as one model directory for a server (vLLM, `palr model serve`)."""
+"""Inference at scale: a LoRA run exported as one model directory for a server (vLLM, `palr model serve`), and the
+OpenAI-compatible backend's bounded pool of requests and batches against palr's own server."""
 
+# ruff: noqa: F811 - pytest fixtures imported from conftest_llm are redefined as arguments
 from __future__ import annotations
 
+import math
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
+from conftest_llm import tiny_catalog, tiny_dir, tiny_llm  # noqa: F401 - fixtures
 
 
 def test_merged_lora_model_scores_like_base_plus_adapter(tmp_path: Path) -> None:
@@ -37,3 +42,76 @@ def test_merged_lora_model_scores_like_base_plus_adapter(tmp_path: Path) -> None
     plain = HFLLM(base, device="cpu", dtype="float32").score_choices(prompts, labels)
     np.testing.assert_allclose(standalone, with_adapter, atol=1e-4)
     assert not np.allclose(plain, with_adapter, atol=1e-3)  # the adapter matters, and the merge kept it
+
+
+def counting_server(llm, delay_s: float):
+    """palr's OpenAI-compatible server with a middleware that counts requests and the most in flight at once."""
+    from palr.llm.server import create_app
+
+    app = create_app(llm, model_name="tiny", delay_s=delay_s)
+    seen = {"now": 0, "max": 0, "requests": 0}
+
+    @app.middleware("http")
+    async def count(request, call_next):  # the event loop runs one at a time: no lock needed
+        seen["now"] += 1
+        seen["requests"] += 1
+        seen["max"] = max(seen["max"], seen["now"])
+        try:
+            return await call_next(request)
+        finally:
+            seen["now"] -= 1
+
+    return app, seen
+
+
+def test_served_model_ranks_like_the_local_one_with_a_bounded_pool_and_batches(tiny_llm) -> None:
+    pytest.importorskip("fastapi")
+    from palr.llm.base import load_llm, single_token_labels
+    from palr.llm.server import BackgroundServer
+    from palr.ranking import PromptBuilder, Ranker
+
+    catalog = tiny_catalog()
+    rng = np.random.default_rng(0)
+    users = 12
+    hist, cands = [], []
+    for _ in range(users):
+        order = rng.permutation(len(catalog))
+        hist.append(order[:3])
+        cands.append(order[3:7])
+    cands_arr = np.array(cands)
+    builder = PromptBuilder(catalog, "text", history_len=5)
+    labels = single_token_labels(tiny_llm.tokenizer, 4)  # the same prompts on both sides
+
+    def ranker(llm) -> Ranker:
+        r = Ranker(llm, builder, batch_size=32)
+        r.text_labels = lambda n: labels[:n]  # type: ignore[method-assign]
+        return r
+
+    local = ranker(tiny_llm).rank(hist, [None] * users, cands_arr)
+    app, seen = counting_server(tiny_llm, delay_s=0.2)
+    with BackgroundServer(app) as url:
+        client = load_llm(f"openai:tiny@{url}", concurrency=3, batch_size=4, timeout=30)
+        served = ranker(client).rank(hist, [None] * users, cands_arr)
+        assert not served.failed.any() and client.last_scoring == "echo"  # the label tokens' own log-probs
+        np.testing.assert_array_equal(served.order, local.order)  # the same rankings as the local backend
+        np.testing.assert_allclose(served.scores, local.scores, atol=1e-3)
+        assert seen["requests"] == users and 2 <= seen["max"] <= 3  # overlapping, never more than `concurrency`
+
+        # generation: four prompts a request (the server takes lists), the same texts as the local model
+        seen.update(max=0, requests=0)
+        prompts = [f"Input: User watched movies {catalog.titles[k]}. Answer:" for k in range(8)] + ["hello", "A:"]
+        assert client.generate(prompts, max_new_tokens=4) == tiny_llm.generate(prompts, max_new_tokens=4)
+        assert seen["requests"] == math.ceil(len(prompts) / 4)
+
+        # many threads sharing one client: still at most `concurrency` requests in flight
+        seen.update(max=0, requests=0)
+        client.batch_size = 1
+        outs: list[list[str]] = []
+        threads = [threading.Thread(target=lambda: outs.append(client.generate(["hello world"] * 3, max_new_tokens=2)))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert len(outs) == 4 and seen["requests"] == 12
+        assert 2 <= seen["max"] <= 3

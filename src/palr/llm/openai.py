@@ -1,7 +1,10 @@
 """The ``openai`` backend: any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp, palr's own server).
 
 Requests go through ``httpx`` with a timeout, retries with exponential back-off (timeouts, connection errors,
-429/5xx and malformed answers), and a thread pool bounding concurrent requests. After the last retry a
+429/5xx and malformed answers). At most ``concurrency`` requests are in flight per client, whatever the number of
+threads calling it (a bounded pool: the service's request threads share it), and on the completions API up to
+``batch_size`` prompts go in one request (``"prompt": [...]``, as vLLM, OpenAI and palr's server accept); a server
+that refuses a list of prompts gets one prompt per request from then on. After the last retry a
 :class:`PalrError` says what went wrong. Nothing is sent until a method is called.
 
 ``score_choices`` asks for the log-probabilities of the label tokens themselves (``"echo"``): one completions
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -66,12 +70,14 @@ class OpenAILLM:
         api_key: defaults to ``$OPENAI_API_KEY``; no Authorization header when neither is set.
         api: "completions" (``/completions``, raw prompts) or "chat" (``/chat/completions``, one user message).
         timeout: seconds per request; max_retries: extra attempts; backoff: first wait, doubled per retry.
-        concurrency: requests in flight at once; top_logprobs: k asked for when scoring.
+        concurrency: requests in flight at once (over all threads); top_logprobs: k asked for when scoring.
+        batch_size: prompts per completions request for generation and top-logprob scoring (1: one prompt per
+            request; chat requests hold one prompt; echo scoring sends one prompt's labels per request).
     """
 
     def __init__(self, model: str, base_url: str, *, api_key: str | None = None, api: str = "completions",
                  timeout: float = 60.0, max_retries: int = 3, backoff: float = 0.5, concurrency: int = 4,
-                 top_logprobs: int = 20) -> None:
+                 top_logprobs: int = 20, batch_size: int = 16) -> None:
         if api not in ("completions", "chat"):
             raise PalrError(f"api must be 'completions' or 'chat', not {api!r}")
         self.model = model
@@ -82,6 +88,9 @@ class OpenAILLM:
         self.max_retries = max(0, int(max_retries))
         self.backoff = float(backoff)
         self.concurrency = max(1, int(concurrency))
+        self.batch_size = max(1, int(batch_size))
+        self._slots = threading.BoundedSemaphore(self.concurrency)  # requests in flight, over all threads
+        self._batching: bool | None = None  # does the server take a list of prompts? (None: not tried yet)
         self.top_logprobs = int(top_logprobs)
         self.name = f"openai:{model}@{self.base_url}"
         self.last_scoring = "none"
@@ -116,7 +125,8 @@ class OpenAILLM:
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                resp = self._http().post(path, json=body)
+                with self._slots:
+                    resp = self._http().post(path, json=body)
             except httpx.TimeoutException:
                 last, unreachable = f"timed out after {self.timeout:g} s", True
             except httpx.TransportError as e:
@@ -169,11 +179,44 @@ class OpenAILLM:
         body.update(extra)
         return self._post("/chat/completions", body, _parse_chat)
 
+    def _request_many(self, prompts: list[str], max_tokens: int, temperature: float, stop: list[str] | None,
+                      logprobs: int | None, extra: dict[str, Any]) -> list[tuple[str, list[dict[str, float]] | None]]:
+        """``_request`` for every prompt: ``batch_size`` prompts per completions request where the server takes a
+        list, ``concurrency`` requests in flight; answers in prompt order."""
+        def one(prompt: str) -> tuple[str, list[dict[str, float]] | None]:
+            return self._request(prompt, max_tokens, temperature, stop, logprobs, extra)
+
+        if self.api != "completions" or self.batch_size == 1 or len(prompts) <= 1 or self._batching is False:
+            return self._map(one, prompts)
+        body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature}
+        if stop:
+            body["stop"] = stop
+        if logprobs:
+            body["logprobs"] = logprobs
+        body.update(extra)
+        groups = [prompts[s:s + self.batch_size] for s in range(0, len(prompts), self.batch_size)]
+
+        def batch(group: list[str]) -> list[tuple[str, list[dict[str, float]] | None]]:
+            return self._post("/completions", {**body, "prompt": group}, lambda d: _parse_completions(d, len(group)))
+
+        if self._batching is None:  # the first list decides whether this server takes lists
+            try:
+                first = batch(groups[0])
+            except LLMUnavailable:
+                raise
+            except PalrError as e:  # refused (4xx) or answered something else than one choice per prompt
+                log.warning("%s takes no list of prompts (%s): one prompt per request", self.base_url, e)
+                self._batching = False
+                return self._map(one, prompts)
+            self._batching = True
+            return first + [a for g in self._map(batch, groups[1:]) for a in g]
+        return [a for g in self._map(batch, groups) for a in g]
+
     def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  stop: list[str] | None = None, **kw: Any) -> list[str]:
-        """One request per prompt (``concurrency`` in flight); extra keywords are sent in the request body."""
-        return [text for text, _ in self._map(
-            lambda p: self._request(p, max_new_tokens, temperature, stop, None, kw), prompts)]
+        """Up to ``batch_size`` prompts a request, ``concurrency`` requests in flight; extra keywords are sent in the
+        request body."""
+        return [text for text, _ in self._request_many(prompts, max_new_tokens, temperature, stop, None, kw)]
 
     def _echo_scores(self, prompt: str, labels: list[str]) -> np.ndarray:
         """(L,) log p(label | prompt): the label tokens' log-probabilities from one echo request."""
@@ -203,7 +246,7 @@ class OpenAILLM:
         if not labels:
             return out
         if self.api == "completions" and self._echo is not False:
-            try:
+            try:  # one request per prompt (its labels in one list), ``concurrency`` in flight
                 rows = self._map(lambda p: self._echo_scores(p, labels), prompts)
             except _Refused as e:
                 log.warning("%s does not score label tokens by echo (%s); using top_logprobs", self.base_url, e)
@@ -213,7 +256,7 @@ class OpenAILLM:
                 self.last_scoring = "echo"
                 return np.stack(rows) if rows else out
         keys = [label.strip() for label in labels]
-        answers = self._map(lambda p: self._request(p, 1, 0.0, None, self.top_logprobs, {}), prompts)
+        answers = self._request_many(prompts, 1, 0.0, None, self.top_logprobs, {})
         modes = set()
         need_parse = []
         for b, (_, tops) in enumerate(answers):
@@ -269,6 +312,14 @@ def _parse_echo(data: dict[str, Any]) -> list[tuple[list[str], list[float | None
                 pos += len(t)
         out.append((tokens, logprobs, [int(o) for o in offsets]))
     return out
+
+
+def _parse_completions(data: dict[str, Any], n: int) -> list[tuple[str, list[dict[str, float]] | None]]:
+    """The answers to a list of ``n`` prompts, in prompt order (by each choice's ``index``)."""
+    choices = sorted(data["choices"], key=lambda c: int(c.get("index", 0)))
+    if len(choices) != n or [int(c.get("index", k)) for k, c in enumerate(choices)] != list(range(n)):
+        raise _Malformed(f"{len(choices)} choices for {n} prompts")
+    return [_parse_completion({"choices": [c]}) for c in choices]
 
 
 def _parse_completion(data: dict[str, Any]) -> tuple[str, list[dict[str, float]] | None]:
