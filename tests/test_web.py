@@ -1,7 +1,7 @@
 """The page at / in a real headless browser (Debian's chromium driven by Playwright), and the HTML report.
 
-Skips only when no browser (or the playwright package) is installed; `.ci/run` installs chromium. Screenshots go
-to the test's tmp folder, or to $PALR_SCREENSHOTS when set.
+Skips only when no browser is installed (`.ci/run` installs chromium); Playwright comes with the dev extra.
+Screenshots go to the test's tmp folder, or to $PALR_SCREENSHOTS when set.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ def browser():
     exe = chromium_path()
     if exe is None:
         pytest.skip("no chromium installed (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
+    from playwright.sync_api import (
+        sync_playwright,  # in the dev extra: with a browser, its absence is an error
+    )
+
+    with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS, headless=True)
         yield b
         b.close()
