@@ -160,6 +160,24 @@ def examples_section(rd: RunData) -> str:
     return "<div class=examples>" + "".join(out) + "</div>" if out else ""
 
 
+def settings_line(rd: RunData) -> str:
+    """The run's main settings in one line (the model card has them all)."""
+    conf = rd.config["config"]
+    if rd.kind == "palr":
+        rk, ft = conf.get("ranking", {}), conf.get("finetune", {})
+        bits = [f"retriever {rd.retriever_name}", f"LLM {ft.get('base_model', '?')}"
+                + (f" + LoRA r={ft.get('lora_r')}" if rk.get("lora") else ""),
+                f"{rk.get('mode', '?')} ranking of the top {rk.get('n_candidates', '?')}",
+                f"fusion {rk.get('fusion', 'rank')} weight {rk.get('weight', '?')} (chosen on validation)",
+                f"{ft.get('epochs', '?')} fine-tuning epoch(s) on {rd.metrics.get('train_contexts', '?'):,} contexts"
+                if isinstance(rd.metrics.get("train_contexts"), int) else f"{ft.get('epochs', '?')} fine-tuning epoch(s)",
+                f"seed {ft.get('seed', '?')}"]
+    else:
+        params = conf.get("params", {})
+        bits = [f"retriever {rd.retriever_name}"] + [f"{k} {v}" for k, v in list(params.items())[:8]]
+    return html.escape(" · ".join(bits))
+
+
 # ---------------------------------------------------------------------------- the page
 def run_section(rd: RunData, seed: int = 0) -> tuple[str, int]:
     """One run's HTML and the number of figures in it."""
@@ -169,6 +187,7 @@ def run_section(rd: RunData, seed: int = 0) -> tuple[str, int]:
     parts = [f"<section><h2>{html.escape(rd.label)}: {html.escape(rd.kind)} run on {html.escape(ds['name'])}</h2>",
              (f"<p class=muted>{html.escape(str(rd.path))} &middot; {ds['users']:,} users, {ds['items']:,} items, "
               f"{ds['interactions']:,} interactions &middot; fingerprint {ds['fingerprint'][:12]}</p>")]
+    parts.append(f"<p class=settings>{settings_line(rd)}</p>")
     figures = 0
     names = list(rd.ranks)
     parts.append("<h3>Test metrics</h3>")
@@ -227,7 +246,7 @@ font-variant-numeric:tabular-nums;white-space:nowrap}figure{margin:.5rem 0}figur
 figcaption,.note,.muted{color:#667085;font-size:.85rem}.label{font-size:.72rem;text-transform:uppercase;
 letter-spacing:.05em;color:#667085;margin-right:.4rem}.examples{display:grid;grid-template-columns:repeat(auto-fit,
 minmax(320px,1fr));gap:1rem}.example{border:1px solid #e3e6ec;border-radius:8px;padding:.2rem .9rem}
-.example h4{margin:.6rem 0 .2rem}.why{color:#667085;font-size:.85rem}
+.example h4{margin:.6rem 0 .2rem}.why{color:#667085;font-size:.85rem}.settings{font-size:.88rem}
 """
 
 
