@@ -115,3 +115,16 @@ def test_served_model_ranks_like_the_local_one_with_a_bounded_pool_and_batches(t
             t.join(timeout=60)
         assert len(outs) == 4 and seen["requests"] == 12
         assert 2 <= seen["max"] <= 3
+
+
+def test_openai_client_settings_in_the_spec() -> None:
+    from palr.errors import PalrError
+    from palr.llm.base import load_llm
+
+    client = load_llm("openai:m@http://127.0.0.1:9/v1?concurrency=16&batch_size=32&timeout=5")
+    assert (client.concurrency, client.batch_size, client.timeout) == (16, 32, 5.0)
+    assert client.base_url == "http://127.0.0.1:9/v1"  # the settings are not part of the URL
+    with pytest.raises(PalrError, match="unknown openai client setting"):
+        load_llm("openai:m@http://127.0.0.1:9/v1?workers=2")
+    with pytest.raises(PalrError, match="not a valid int"):
+        load_llm("openai:m@http://127.0.0.1:9/v1?concurrency=many")

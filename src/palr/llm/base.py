@@ -12,7 +12,9 @@ Spec syntax accepted by :func:`load_llm` (the CLI's ``--llm`` flag):
                                BASE_URL includes the ``/v1`` prefix like the OpenAI SDK's ``base_url``
                                (``/v1`` is added when the URL has no path). ``openai:MODEL`` alone means
                                ``https://api.openai.com/v1``. The API key comes from ``$OPENAI_API_KEY``
-                               or the ``api_key`` option.
+                               or the ``api_key`` option. Client settings may follow the URL as a query:
+                               ``...:8000/v1?concurrency=16&batch_size=32`` (also ``timeout``,
+                               ``max_retries``, ``top_logprobs``, ``api``); they are not sent to the server.
 =============================  ==========================================================================
 
 Options (``dtype``, ``device``, ``adapter``, ``timeout``, ...) go to the backend's constructor.
@@ -135,7 +137,27 @@ def _openai(target: str, **options: Any) -> LLM:
     model, _, base = target.partition("@")
     if not model:
         raise PalrError("openai spec needs a model: openai:MODEL@BASE_URL")
-    return OpenAILLM(model, base or "https://api.openai.com/v1", **options)
+    base, _, query = base.partition("?")
+    return OpenAILLM(model, base or "https://api.openai.com/v1", **{**_client_settings(query), **options})
+
+
+_OPENAI_SETTINGS: dict[str, Callable[[str], Any]] = {"concurrency": int, "batch_size": int, "timeout": float,
+                                                     "max_retries": int, "top_logprobs": int, "api": str}
+
+
+def _client_settings(query: str) -> dict[str, Any]:
+    """``concurrency=16&batch_size=32`` -> {"concurrency": 16, "batch_size": 32} (the openai client's settings)."""
+    from urllib.parse import parse_qsl
+
+    out: dict[str, Any] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in _OPENAI_SETTINGS:
+            raise PalrError(f"unknown openai client setting {key!r} in the spec; known: {', '.join(_OPENAI_SETTINGS)}")
+        try:
+            out[key] = _OPENAI_SETTINGS[key](value)
+        except ValueError:
+            raise PalrError(f"openai client setting {key}={value!r} is not a valid {_OPENAI_SETTINGS[key].__name__}") from None
+    return out
 
 
 register_backend("hf", _hf)
