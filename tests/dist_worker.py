@@ -2,7 +2,8 @@
 with spies that record which training rows this process computed a loss on and which files it wrote.
 
 Usage (under a launcher): dist_worker.py SPY_DIR -- finetune ARGS... -- evaluate ARGS...
-Writes SPY_DIR/rank<R>.json.
+The first command is first run with a crash right after the first checkpoint (every process), then again: the
+second run resumes. Writes SPY_DIR/rank<R>.json.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def row_key(ids: list[int], target: int) -> str:
 
 def main() -> None:
     import torch
+    from transformers import TrainerCallback
 
     import palr.finetune.run as run_mod
     import palr.finetune.train as train_mod
@@ -37,7 +39,7 @@ def main() -> None:
         else:
             commands[-1].append(arg)
     spy: dict[str, Any] = {"rank": distributed.rank(), "world": distributed.world_size(), "seen": [], "all_rows": [],
-                           "writes": []}
+                           "writes": [], "interrupted_at": None}
 
     loss = train_mod.palr_loss
 
@@ -70,6 +72,33 @@ def main() -> None:
                          (run_mod, "finish_run"), (pipeline_mod, "write_json"),
                          (retrieval_mod, "write_predictions")]:
         writes(module, name)
+    class Crash(Exception):
+        pass
+
+    class CrashAfterFirstCheckpoint(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            raise Crash(state.global_step)
+
+    real_trainer_class = run_mod._trainer_class
+
+    def crashing_trainer_class() -> Any:
+        cls = real_trainer_class()
+
+        class Crashing(cls):  # type: ignore[misc, valid-type]
+            def __init__(self, *a: Any, **kw: Any) -> None:
+                super().__init__(*a, **kw)
+                self.add_callback(CrashAfterFirstCheckpoint())
+
+        return Crashing
+
+    run_mod._trainer_class = crashing_trainer_class
+    try:
+        app(commands[0], standalone_mode=False)
+    except Crash as e:
+        spy["interrupted_at"] = e.args[0]
+    run_mod._trainer_class = real_trainer_class
+    distributed.barrier()  # the main process has written the checkpoint (a real restart comes after the crash)
+    spy["seen_before_crash"], spy["seen"] = spy["seen"], []
     for cmd in commands:
         app(cmd, standalone_mode=False)
     spy_dir.mkdir(parents=True, exist_ok=True)

@@ -53,9 +53,10 @@ def write_csv(tmp: Path, n_users: int) -> str:
 
 
 def test_two_cpu_processes_shard_training_and_evaluate_like_one(tmp_path: Path) -> None:
-    """torchrun-style launch, gloo, 2 processes: each trains on half of the records (half the steps), the run
-    directory is written by the main process only and is complete, the model loads and ranks, and the sharded
-    evaluation equals one process's exactly (figures and predictions)."""
+    """torchrun-style launch, gloo, 2 processes: each trains on half of the records (half the steps), a crash after
+    the first epoch's checkpoint resumes from it, the run directory is written by the main process only and is
+    complete, the model loads and ranks, and the sharded evaluation equals one process's exactly (figures and
+    predictions)."""
     pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
     import palr
@@ -67,7 +68,7 @@ def test_two_cpu_processes_shard_training_and_evaluate_like_one(tmp_path: Path) 
     # 600 users: more than one ranking chunk (512), so both processes get users to evaluate
     retr = train_run(write_csv(tmp_path, 600), "itemknn", tmp_path / "retr", progress=False)
     run, spy = tmp_path / "palr", tmp_path / "spy"
-    ft = ["finetune", str(retr), "--out", str(run), "--epochs", "1", "--batch-size", str(batch), "--positions", "1",
+    ft = ["finetune", str(retr), "--out", str(run), "--epochs", "2", "--batch-size", str(batch), "--positions", "1",
           "--candidates", "20", "--valid-users", "64", "--mini-dim", "32", "--mini-layers", "1"]
     ev = ["evaluate", str(run), "--out", str(tmp_path / "r2.json"), "--predictions", str(tmp_path / "p2.jsonl"),
           "--retriever-predictions", str(tmp_path / "rp2.jsonl")]
@@ -92,13 +93,18 @@ def test_two_cpu_processes_shard_training_and_evaluate_like_one(tmp_path: Path) 
     # each process computed its loss on its own half of the records: together all of them, about half each
     metrics = json.loads((run / "metrics.json").read_text())
     n_rows = metrics["train_records"]
+    per_epoch = math.ceil(n_rows / (2 * batch))  # one process: ceil(n / batch)
+    # resumed after the crash at the first checkpoint: only the second epoch was trained again
+    assert spies[0]["interrupted_at"] == spies[1]["interrupted_at"] == per_epoch
+    assert metrics["train_steps_per_process"] == 2 * per_epoch and len(metrics["valid_per_epoch"]) == 2
+    assert metrics["pretrain_losses"] == []  # pretraining is in the checkpoint, not redone
     assert spies[0]["all_rows"] == spies[1]["all_rows"] and len(spies[0]["all_rows"]) == n_rows
     seen = [Counter(s["seen"]) for s in spies]
     assert set(seen[0]) | set(seen[1]) == set(spies[0]["all_rows"])
     assert len(set(seen[0]) & set(seen[1])) <= batch  # at most the padding of an uneven last batch
     assert abs(len(seen[0]) - len(seen[1])) <= batch
+    assert sum(len(s["seen_before_crash"]) for s in spies) >= n_rows  # the first epoch, before the crash
     assert metrics["processes"] == 2
-    assert metrics["train_steps_per_process"] == math.ceil(n_rows / (2 * batch))  # one process: ceil(n / batch)
 
     # the saved model loads and ranks
     palr_run = PALR.load(run)
