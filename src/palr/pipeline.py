@@ -417,8 +417,12 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
                       "LLM alone (end to end)": {stage: llm_ranks},
                       "PALR (target retrieved)": {stage: ranks[hit]},
                       f"{retr_name} (target retrieved)": {stage: retr_ranks[hit]}}
+    pairs = [("PALR (end to end)", f"{retr_name} (retriever)"),
+             ("LLM alone (end to end)", f"{retr_name} (retriever)"),
+             ("PALR (target retrieved)", f"{retr_name} (target retrieved)")]
     return {"results": results, "timings": timings, "order": g["order"], "retriever_predictions": g["retr_predictions"],
-            "users": everyone, "targets": g["targets"], "ranks": per_user_ranks, "llm_failures": int(g["failed"].sum()),
+            "users": everyone, "targets": g["targets"], "ranks": per_user_ranks,
+            "comparisons": compare_ranks(per_user_ranks, pairs, ks), "llm_failures": int(g["failed"].sum()),
             "invalid_generations": g["invalid"]}
 
 
@@ -467,9 +471,6 @@ def evaluate_palr_run(run: str | Path, out: str | Path | None = None, prediction
     if per_user:
         write_per_user(per_user, split.dataset, ev["users"], ev["targets"],
                        {m: ev["ranks"][m]["test"] for m in ("PALR (end to end)", f"{retr_name} (retriever)")})
-    pairs = [("PALR (end to end)", f"{retr_name} (retriever)"),
-             ("LLM alone (end to end)", f"{retr_name} (retriever)"),
-             ("PALR (target retrieved)", f"{retr_name} (target retrieved)")]
     n = len(ev["users"])
     counts = palr.llm_counts()
     doc = {"protocol": {**split.dataset.protocol, "ks": list(DEFAULT_KS),
@@ -482,7 +483,7 @@ def evaluate_palr_run(run: str | Path, out: str | Path | None = None, prediction
                         "profiler": counts["profiler"], "test_users": n,
                         "test_users_seed": seed if users is not None else None},
            "dataset": dataset_info(split.dataset), "results": ev["results"],
-           "comparisons": compare_ranks(ev["ranks"], pairs), "statistics": statistics_protocol(), "timings": ev["timings"],
+           "comparisons": ev["comparisons"], "statistics": statistics_protocol(), "timings": ev["timings"],
            "llm_failures": ev["llm_failures"], "llm_failure_share": round(ev["llm_failures"] / max(n, 1), 4),
            "invalid_generations": ev["invalid_generations"], "llm": counts}
     if selection is not None:
