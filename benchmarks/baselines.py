@@ -39,7 +39,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} CPU threads visible, no GPU used; Python {platform.python_version()}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = f", shared with other jobs (load average {load:.0f}: seconds are noisy)" if load > (os.cpu_count() or 1) else ""
+    return f"{cpu}, {os.cpu_count()} CPU threads visible{busy}, no GPU used; Python {platform.python_version()}"
 
 
 def run(datasets: tuple[str, ...], root: Path, seed: int) -> list[dict[str, Any]]:

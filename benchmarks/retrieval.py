@@ -28,10 +28,13 @@ HERE = Path(__file__).resolve().parent
 # benchmarks/palr.py would shadow the palr package when this file is run as a script
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
+from palr.evaluation import format_ratio, paired_bootstrap
+from palr.evaluation.report import read_per_user
 from palr.retrieval.train import evaluate_models, load_run, train_run
 
 DATASETS = ["ml-100k", "ml-latest-small", "amazon-beauty"]
 RETRIEVERS = ["popularity", "itemknn", "als", "bpr", "text", "sasrec"]
+BASELINE = "sasrec"  # the default retriever: every other model's ratio is over it
 log = logging.getLogger("benchmarks.retrieval")
 
 
@@ -44,25 +47,42 @@ def run_one(dataset: str, retriever: str, runs_dir: Path, data_dir: str | None, 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     cfg, model, split = load_run(run_dir, data_dir)
     t1 = time.perf_counter()
-    doc = evaluate_models({retriever: model}, split, candidates=50, progress=False)
+    doc = evaluate_models({retriever: model}, split, candidates=50, progress=False, per_user=run_dir / "per_user.csv")
     eval_s = time.perf_counter() - t1
     test = doc["results"][retriever]["test"]
     row = {"dataset": dataset, "users": split.dataset.n_users, "items": split.n_items, "model": retriever,
            "HR@10": test["HR@10"], "NDCG@10": test["NDCG@10"], "Recall@50": test["Recall@50"],
            "valid NDCG@10": metrics["valid"]["NDCG@10"], "fit_s": metrics["timings"]["fit_s"],
-           "train_s": train_s, "eval_s": eval_s, "params": cfg["config"]["params"]}
+           "train_s": train_s, "eval_s": eval_s, "params": cfg["config"]["params"],
+           "per_user": read_per_user(run_dir / "per_user.csv")[1]["NDCG@10"]}
     if metrics.get("history"):
         row["epochs"] = len(metrics["history"])
-    log.info("%s", json.dumps({k: v for k, v in row.items() if k != "params"}))
+    log.info("%s", json.dumps({k: v for k, v in row.items() if k not in ("params", "per_user")}))
     return row
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def vs_baseline(rows: list[dict[str, Any]], baseline: str | None = None) -> dict[int, str]:
+    """Row index -> "ratio [95% CI] | p" of its test NDCG@10 over the baseline's on the same users."""
+    baseline = baseline or BASELINE
+    out = {}
+    for i, r in enumerate(rows):
+        base = next((b for b in rows if b["dataset"] == r["dataset"] and b["model"] == baseline), None)
+        if base is None or r is base:
+            out[i] = "1 (baseline) | " if r is base else "- | -"
+            continue
+        c = paired_bootstrap(r["per_user"], base["per_user"])
+        out[i] = f"{format_ratio(c, 2)} | {c.p_value:.2g}"
+    return out
+
+
+def table(rows: list[dict[str, Any]], with_ci: bool = True) -> str:
     head = ("| data set | users / items | model | HR@10 | NDCG@10 | Recall@50 | valid NDCG@10 | fit s "
-            "| run s (fit + save + valid) | test eval s |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+            "| run s (fit + save + valid) | test eval s |" + (f" NDCG@10 vs {BASELINE} [95% CI] | p |" if with_ci else "")
+            + "\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if with_ci else "") + "\n")
+    vs = vs_baseline(rows) if with_ci else {}
     lines = [f"| {r['dataset']} | {r['users']:,} / {r['items']:,} | {r['model']} | {r['HR@10']:.4f} | "
              f"{r['NDCG@10']:.4f} | {r['Recall@50']:.4f} | {r['valid NDCG@10']:.4f} | {r['fit_s']:.1f} | "
-             f"{r['train_s']:.1f} | {r['eval_s']:.1f} |" for r in rows]
+             f"{r['train_s']:.1f} | {r['eval_s']:.1f} |" + (f" {vs[i]} |" if with_ci else "") for i, r in enumerate(rows)]
     return head + "\n".join(lines) + "\n"
 
 
@@ -93,9 +113,11 @@ def section(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
         "Protocol (palr protocol v1): every interaction counts, duplicates keep the earliest, iterative 5-core, "
         "stable time sort, leave-one-out (last = test, second-to-last = validation). Every model is fitted on the "
         "train split only (validation picks SASRec's epoch), saved as a run, reloaded from disk and evaluated on "
-        "**test with full ranking** over all items, the user's history excluded, pessimistic ties. "
-        "Recall@50 = share of test targets in the top-50 candidate list. Seed 0, default hyper-parameters "
-        "(saved in each run's config.json).\n\n"
+        "**test with full ranking** over all items, the user's history excluded, equal scores in a seeded random "
+        "order (the order written to predictions). Recall@50 = share of test targets in the top-50 candidate list. "
+        "Seed 0, default hyper-parameters (saved in each run's config.json). "
+        f"vs {BASELINE}: test NDCG@10 ratio on the same users with its paired-bootstrap 95% CI (2,000 resamples "
+        "over users) and a paired t-test p-value.\n\n"
         + table(rows)
         + f"\nSASRec resolved settings: `{json.dumps(sas)}`; epochs run (early stopping on valid NDCG@10, "
         f"best weights kept): `{json.dumps(epochs)}`.  \n"
@@ -133,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         for dataset in args.datasets:
             for retriever in args.retrievers:
                 rows.append(run_one(dataset, retriever, runs_dir, args.data_dir, args.seed))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
+                print(table(rows[-1:], with_ci=False).splitlines()[-1], flush=True)
     command = "python benchmarks/retrieval.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = section(rows, command.strip(), time.perf_counter() - t0)
     print(text)
