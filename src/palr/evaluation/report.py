@@ -80,16 +80,17 @@ def comparisons_table(comparisons: Mapping[str, Any], stage: Stage = "test", met
 
 
 def compare_table(doc: Mapping[str, Any]) -> Any:
-    """A rich Table of :func:`compare_sides`' result: one row a metric."""
+    """A rich Table (80 columns) of :func:`compare_sides`' result: one row a metric (differences and their CIs
+    are in the JSON)."""
     from rich.table import Table
 
-    table = Table(title=f"{doc['model']} vs {doc['baseline']}: {doc['users']} users (paired bootstrap 95% CI)")
-    for col in ("metric", "model", "baseline", "ratio [95% CI]", "diff [95% CI]", "p"):
+    table = Table(title=f"{doc['model']} vs {doc['baseline']}: {doc['users']} users, paired bootstrap 95% CI")
+    for col in ("metric", "model", "baseline", "ratio [95% CI]", "p"):
         table.add_column(col, justify="left" if col == "metric" else "right", no_wrap=True)
     for m, c in doc["metrics"].items():
         p = c["p_value"]
         table.add_row(m, f"{c['mean_a']:.4f}", f"{c['mean_b']:.4f}", _fmt_interval(c["ratio"], c["ratio_ci95"], 3, "x"),
-                      _fmt_interval(c["diff"], c["diff_ci95"], 4), "n/a" if p is None else f"{p:.3g}")
+                      "n/a" if p is None else f"{p:.2g}")
     return table
 
 
