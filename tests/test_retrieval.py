@@ -121,7 +121,34 @@ def test_sasrec_fills_defaults_from_data(synth_split: Split) -> None:
 
     c = SASRec(dropout=0.3).resolve(synth_split.train, synth_split.n_items)
     assert c["dropout"] == 0.3  # given: kept
-    assert c["max_len"] == 50 and c["epochs"] == 30  # short synthetic sequences: the Amazon-like defaults
+    assert c["max_len"] == 50 and c["epochs"] == 50 and c["batch_size"] == 256  # short: the Amazon-like defaults
+    long = [np.arange(i, i + 40) % 30 for i in range(10)]
+    c = SASRec().resolve(long, 30)
+    assert (c["max_len"], c["dropout"], c["lr"], c["patience"]) == (200, 0.3, 2e-3, 8)  # long: MovieLens-like
+
+
+def test_sasrec_reports_and_smooths(synth_split: Split) -> None:
+    """report() sees every validation; the tracked value is the EMA of NDCG@10; raising in report stops."""
+    seen: list[tuple[int, dict]] = []
+    params = {**FAST["sasrec"], "epochs": 4, "eval_every": 2, "smooth": 0.5, "patience": 100}
+    model = make_retriever("sasrec", **params)
+    model.fit(synth_split.train, synth_split.n_items,
+              valid=(synth_split.histories("valid"), synth_split.targets("valid")),
+              report=lambda epoch, entry: seen.append((epoch, dict(entry))))
+    assert [e for e, _ in seen] == [2, 4]
+    raw = [entry["valid_NDCG@10"] for _, entry in seen]
+    assert seen[1][1]["valid_NDCG@10_smoothed"] == pytest.approx(0.5 * raw[0] + 0.5 * raw[1], abs=1e-5)
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch: int, entry: dict) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        make_retriever("sasrec", **params).fit(synth_split.train, synth_split.n_items,
+                                               valid=(synth_split.histories("valid"),
+                                                      synth_split.targets("valid")), report=stop)
 
 
 def test_candidates_for(fitted: dict, synth_split: Split) -> None:
@@ -139,6 +166,8 @@ def test_candidates_for(fitted: dict, synth_split: Split) -> None:
     ({"hidden": 30, "heads": 4}, "not divisible"),
     ({"loss": "bogus"}, "loss must be"),
     ({"dropout": 1.5}, "dropout"),
+    ({"smooth": 1.0}, "smooth"),
+    ({"lr": 0}, "lr must be"),
     ({"nonsense": 1}, "unknown SASRec parameter"),
 ])
 def test_sasrec_bad_settings(synth_split: Split, params: dict, message: str) -> None:
@@ -184,7 +213,7 @@ def test_cli_train_then_evaluate_run(synth_split: Split, tmp_path: Path) -> None
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["config"]["params"]["hidden"] == 16 and cfg["config"]["params"]["seed"] == 3
     assert cfg["config"]["params"]["dropout"] == 0.5 and cfg["config"]["params"]["max_len"] == 10
-    assert cfg["config"]["params"]["batch_size"] == 128  # resolved default saved, not None
+    assert cfg["config"]["params"]["batch_size"] == 256  # resolved default saved, not None
     assert "torch" in cfg["versions"] and cfg["protocol"]["split"].startswith("leave-one-out")
     assert (run / "model" / "weights.safetensors").exists() and (run / "run.json").exists()
     assert "epoch" in (run / "train.log").read_text()

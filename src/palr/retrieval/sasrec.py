@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,10 +32,28 @@ log = logging.getLogger(__name__)
 
 # hyper-parameters and their defaults; None = chosen from the training data in ``SASRec.resolve``
 DEFAULTS: dict[str, Any] = {
-    "hidden": None, "layers": 2, "heads": None, "dropout": 0.5, "max_len": None, "lr": 1e-3, "weight_decay": 0.0,
+    "hidden": None, "layers": 2, "heads": None, "dropout": None, "max_len": None, "lr": None, "weight_decay": 0.0,
     "batch_size": None, "epochs": None, "patience": None, "eval_every": 1, "loss": "ce", "negatives": 256,
-    "seed": 0, "eval_users": 5000, "bf16": True,
+    "seed": 0, "eval_users": 5000, "bf16": True, "smooth": 0.5, "device": "auto",
 }
+# the data-filled defaults, chosen on validation NDCG@10 (benchmarks/sasrec_sweep.py, benchmarks/RESULTS.md);
+# "short": the mean training sequence has fewer than 20 items (Amazon), "long": MovieLens
+SHAPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "short": {"hidden": 128, "heads": 2, "dropout": 0.5, "lr": 1e-3, "max_len": 50, "batch_size": 256,
+              "epochs": 50, "patience": 5},
+    "long": {"hidden": 128, "heads": 2, "dropout": 0.3, "lr": 2e-3, "max_len": 200, "batch_size": 128,
+             "epochs": 100, "patience": 8},
+}
+
+# called after every validation with (epoch, entry); may raise (e.g. optuna.TrialPruned) to stop training
+Report = Callable[[int, dict[str, Any]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" = CUDA when available, else CPU; otherwise any torch device string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 # ---------------------------------------------------------------------------- network
@@ -75,7 +93,7 @@ class SASRecNet(nn.Module):
 
     def forward(self, seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """seqs: (B, T) right-padded item ids + 1; lengths: (B,) -> hidden states (B, T, d)."""
-        t = torch.arange(seqs.shape[1])
+        t = torch.arange(seqs.shape[1], device=seqs.device)
         pos = (lengths[:, None] - 1 - t[None, :]).clamp(min=0)  # distance from the last real item
         x = self.drop(self.items(seqs) * self.scale + self.positions(pos))
         for block in self.blocks:
@@ -88,8 +106,10 @@ class SASRecNet(nn.Module):
     def last_hidden(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
         """(B, d): output at each history's last item (the last ``max_len`` items are used)."""
         seqs, lengths = pad_right([np.asarray(h)[-self.max_len:] for h in histories])
+        dev = self.items.weight.device
+        seqs, lengths = seqs.to(dev), lengths.to(dev)
         h = self.forward(seqs, lengths)
-        return h[torch.arange(len(lengths)), lengths - 1]
+        return h[torch.arange(len(lengths), device=dev), lengths - 1]
 
     def score_last(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
         return self.last_hidden(histories) @ self.item_weights().T  # (B, N)
@@ -141,7 +161,7 @@ def batch_loss(net: SASRecNet, windows: torch.Tensor, lengths: torch.Tensor, los
     """
     t = int(lengths.max())
     inputs, targets = windows[:, :t], windows[:, 1:t + 1]  # (B, T)
-    real = torch.arange(t)[None, :] < lengths[:, None]  # (B, T)
+    real = torch.arange(t, device=windows.device)[None, :] < lengths[:, None]  # (B, T)
     h = net(inputs, lengths)[real]  # (P, d): only real positions reach the output layer
     y = targets[real] - 1  # (P,) item indices
     w = net.item_weights()
@@ -149,74 +169,96 @@ def batch_loss(net: SASRecNet, windows: torch.Tensor, lengths: torch.Tensor, los
         h, w = h.bfloat16(), w.bfloat16()
     if loss == "ce":
         return F.cross_entropy(h @ w.T, y).float()  # (P, N) logits over the whole catalogue
-    neg = torch.randint(n_items, (negatives,))  # shared uniform negatives: logQ is a constant
+    neg = torch.randint(n_items, (negatives,), device=h.device)  # shared uniform negatives: logQ is a constant
     pos_logit = (h * w[y]).sum(-1, keepdim=True)  # (P, 1)
     neg_logit = (h @ w[neg].T).masked_fill(neg[None, :] == y[:, None], float("-inf"))  # (P, K)
-    return F.cross_entropy(torch.cat([pos_logit, neg_logit], 1), torch.zeros(len(y), dtype=torch.long)).float()
+    zeros = torch.zeros(len(y), dtype=torch.long, device=h.device)
+    return F.cross_entropy(torch.cat([pos_logit, neg_logit], 1), zeros).float()
 
 
 @torch.no_grad()
-def validate(net: SASRecNet, histories: Sequence[np.ndarray], targets: np.ndarray, batch_size: int = 1024,
-             k: int = 10) -> dict[str, float]:
-    """Full-ranking HR@k and NDCG@k with the history excluded and pessimistic ties."""
+def validation_ranks(net: SASRecNet, histories: Sequence[np.ndarray], targets: np.ndarray,
+                     batch_size: int = 1024) -> np.ndarray:
+    """(U,) full-ranking rank of each target with the history excluded and pessimistic ties."""
     net.eval()
-    hits, gains = 0.0, 0.0
+    dev = net.items.weight.device
+    out = []
     for start in range(0, len(histories), batch_size):
         hist = histories[start:start + batch_size]
         s = net.score_last(hist)  # (B, N)
-        tgt = torch.from_numpy(np.asarray(targets[start:start + batch_size], dtype=np.int64))
-        rows = torch.arange(len(hist))
+        tgt = torch.from_numpy(np.asarray(targets[start:start + batch_size], dtype=np.int64)).to(dev)
+        rows = torch.arange(len(hist), device=dev)
         ts = s[rows, tgt].clone()
-        hrow = torch.from_numpy(np.repeat(np.arange(len(hist)), [len(h) for h in hist]))
-        hcol = torch.from_numpy(np.concatenate([np.asarray(h, dtype=np.int64) for h in hist]))
+        hrow = torch.from_numpy(np.repeat(np.arange(len(hist)), [len(h) for h in hist])).to(dev)
+        hcol = torch.from_numpy(np.concatenate([np.asarray(h, dtype=np.int64) for h in hist])).to(dev)
         s[hrow, hcol] = float("-inf")
         s[rows, tgt] = float("-inf")
-        rank = (s >= ts[:, None]).sum(1) + 1
-        hits += float((rank <= k).sum())
-        gains += float(torch.where(rank <= k, 1.0 / torch.log2(rank.double() + 1), 0.0).sum())
-    n = max(len(histories), 1)
-    return {f"HR@{k}": hits / n, f"NDCG@{k}": gains / n}
+        out.append(((s >= ts[:, None]).sum(1) + 1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def validate(net: SASRecNet, histories: Sequence[np.ndarray], targets: np.ndarray, batch_size: int = 1024,
+             k: int = 10) -> dict[str, float]:
+    """Full-ranking HR@k and NDCG@k with the history excluded and pessimistic ties."""
+    rank = validation_ranks(net, histories, targets, batch_size)
+    n = max(len(rank), 1)
+    hit = rank <= k
+    return {f"HR@{k}": float(hit.sum()) / n, f"NDCG@{k}": float((hit / np.log2(rank + 1.0)).sum()) / n}
 
 
 def train_sasrec(net: SASRecNet, train: Sequence[np.ndarray], n_items: int, c: dict[str, Any],
-                 valid: tuple[Sequence[np.ndarray], np.ndarray] | None, progress: bool) -> list[dict[str, Any]]:
-    """Adam(W) on all next-item targets; early stopping on valid NDCG@10, best weights restored."""
+                 valid: tuple[Sequence[np.ndarray], np.ndarray] | None, progress: bool,
+                 report: Report | None = None) -> list[dict[str, Any]]:
+    """Adam(W) on all next-item targets; early stopping on valid NDCG@10, best weights restored.
+
+    Validation runs every ``eval_every`` epochs; with ``smooth`` > 0 the tracked value is an exponential
+    moving average of NDCG@10 (weight ``smooth`` on the past), so one lucky or unlucky evaluation neither
+    stops training nor picks the weights. ``report(epoch, entry)`` is called after each validation.
+    """
     from tqdm.auto import tqdm
 
+    dev = net.items.weight.device
     rng = np.random.default_rng(int(c["seed"]))
     windows_np, lengths_np = training_windows(train, int(c["max_len"]))
-    windows, lengths = torch.from_numpy(windows_np), torch.from_numpy(lengths_np)
+    windows, lengths = torch.from_numpy(windows_np).to(dev), torch.from_numpy(lengths_np).to(dev)
     if valid is not None and int(c["eval_users"]) and len(valid[0]) > int(c["eval_users"]):
         keep = np.sort(rng.choice(len(valid[0]), int(c["eval_users"]), replace=False))
         valid = ([valid[0][i] for i in keep], np.asarray(valid[1])[keep])
     opt = torch.optim.AdamW(net.parameters(), lr=float(c["lr"]), weight_decay=float(c["weight_decay"]))
-    log.info("SASRec: %d windows, %d targets, %d items, config %s", len(lengths_np), int(lengths_np.sum()),
-             n_items, json.dumps(c, sort_keys=True))
+    log.info("SASRec: %d windows, %d targets, %d items, device %s, config %s", len(lengths_np),
+             int(lengths_np.sum()), n_items, dev, json.dumps(c, sort_keys=True))
     history: list[dict[str, Any]] = []
-    best, best_state, waited = -1.0, None, 0
+    smooth = float(c["smooth"])
+    best, tracked, best_state, waited = -1.0, None, None, 0
     bar = tqdm(range(1, int(c["epochs"]) + 1), desc="sasrec", disable=not progress)
     for epoch in bar:
         net.train()
-        t0, total, steps = time.perf_counter(), 0.0, 0
+        t0, total, steps = time.perf_counter(), torch.zeros((), device=dev), 0
         for idx in length_batches(lengths_np, int(c["batch_size"]), rng):
-            ix = torch.from_numpy(idx)
+            ix = torch.from_numpy(idx).to(dev)
             loss = batch_loss(net, windows[ix], lengths[ix], c["loss"], int(c["negatives"]), n_items,
                               bool(c["bf16"]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, steps = total + float(loss.detach()), steps + 1
-        entry: dict[str, Any] = {"epoch": epoch, "loss": round(total / max(steps, 1), 5),
+            total, steps = total + loss.detach(), steps + 1
+        entry: dict[str, Any] = {"epoch": epoch, "loss": round(float(total) / max(steps, 1), 5),
                                  "train_s": round(time.perf_counter() - t0, 2)}
         if valid is not None and (epoch % int(c["eval_every"]) == 0 or epoch == int(c["epochs"])):
             t1 = time.perf_counter()
             entry.update({f"valid_{k}": round(v, 5) for k, v in validate(net, valid[0], valid[1]).items()})
             entry["valid_s"] = round(time.perf_counter() - t1, 2)
-            if entry["valid_NDCG@10"] > best:
-                best, waited = entry["valid_NDCG@10"], 0
+            raw = entry["valid_NDCG@10"]
+            tracked = raw if tracked is None else smooth * tracked + (1.0 - smooth) * raw
+            if smooth:
+                entry["valid_NDCG@10_smoothed"] = round(tracked, 5)
+            if tracked > best:
+                best, waited = tracked, 0
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             else:
                 waited += 1
+            if report is not None:
+                report(epoch, entry)
         history.append(entry)
         log.info("epoch %s", json.dumps(entry))
         bar.set_postfix(loss=entry["loss"], ndcg=entry.get("valid_NDCG@10", "-"), best=round(best, 4))
@@ -225,7 +267,7 @@ def train_sasrec(net: SASRecNet, train: Sequence[np.ndarray], n_items: int, c: d
             break
     if best_state is not None:
         net.load_state_dict(best_state)
-        log.info("restored the best weights: valid NDCG@10 %.5f", best)
+        log.info("restored the best weights: valid NDCG@10 %s %.5f", "(smoothed)" if smooth else "", best)
     net.eval()
     return history
 
@@ -234,17 +276,20 @@ def train_sasrec(net: SASRecNet, train: Sequence[np.ndarray], n_items: int, c: d
 class SASRec:
     """Self-attentive sequential retriever (see module docstring).
 
-    Parameters (``None`` = filled from the training data at ``fit``; explicit values are kept):
-      "short" below: the mean training sequence has fewer than 20 items (Amazon), "long": MovieLens;
-      hidden 128 short / 64 long and heads 2 short / 1 long (must divide hidden; on amazon-beauty 128/2 gave
-      test HR@10 0.0831 / NDCG@10 0.0500 against 0.0796 / 0.0484 for 64/1); layers 2; dropout 0.5 (also
-      better than 0.2 on ml-latest-small); max_len: 50 short / 200 long;
-      lr 1e-3 and weight_decay 0 (AdamW); batch_size: windows per step, 128 short / 16 long (few users
-      with long sequences need more, smaller steps); epochs at most 30 short / 100 long;
-      patience: validations without a better NDCG@10 before stopping, 5 short / 10 long;
-      eval_every 1 epoch; loss "ce" (full softmax) or "sampled" (``negatives`` = 256 shared uniform
-      negatives); seed 0; eval_users: validate on a fixed random subset of this many users, 5000 (0 = all);
-      bf16: compute the output projection of the training loss in bfloat16, True (scores stay float32).
+    Parameters (``None`` = filled from the training data at ``fit`` from ``SHAPE_DEFAULTS``; explicit values
+    are kept). "short": the mean training sequence has fewer than 20 items (Amazon), "long": MovieLens.
+      hidden 128 and heads 2 (must divide hidden); layers 2; dropout 0.5 short / 0.3 long; max_len 50 short /
+      200 long; lr 1e-3 short / 2e-3 long, weight_decay 0 (AdamW); batch_size (windows per step) 256 short /
+      128 long; epochs at most 50 short / 100 long;
+      early stopping: validation NDCG@10 every ``eval_every`` = 1 epoch, smoothed by an exponential moving
+      average (``smooth`` = 0.5, the weight of the past; 0 = raw), stop after ``patience`` = 5 short / 8 long
+      validations without a better smoothed value, weights of the best smoothed validation restored;
+      loss "ce" (full softmax) or "sampled" (``negatives`` = 256 shared uniform negatives); seed 0;
+      eval_users: validate on a fixed random subset of this many users, 5000 (0 = all);
+      bf16: compute the output projection of the training loss in bfloat16, True (scores stay float32);
+      device: "auto" (CUDA when available) or a torch device ("cpu", "cuda:1").
+    Chosen on validation by ``benchmarks/sasrec_sweep.py`` on ml-100k, ml-latest-small and amazon-beauty
+    (benchmarks/RESULTS.md, "SASRec defaults").
     """
 
     name: ClassVar[str] = "sasrec"
@@ -269,11 +314,8 @@ class SASRec:
         if n_items < 2:
             raise PalrError(f"SASRec needs at least 2 items in the catalogue, got {n_items}")
         c = self.config
-        short = float(np.mean([len(s) for s in train])) < 20
-        fill = {"hidden": 128 if short else 64, "heads": 2 if short else 1, "max_len": 50 if short else 200,
-                "batch_size": 128 if short else 16, "epochs": 30 if short else 100,
-                "patience": 5 if short else 10}
-        for key, value in fill.items():
+        shape = "short" if float(np.mean([len(s) for s in train])) < 20 else "long"
+        for key, value in SHAPE_DEFAULTS[shape].items():
             if c[key] is None:
                 c[key] = value
         for key in ("hidden", "layers", "heads", "max_len", "batch_size", "epochs", "patience", "eval_every",
@@ -286,6 +328,10 @@ class SASRec:
             raise PalrError(f"SASRec: loss must be 'ce' or 'sampled', got {c['loss']!r}")
         if not 0.0 <= float(c["dropout"]) < 1.0:
             raise PalrError(f"SASRec: dropout must be in [0, 1), got {c['dropout']}")
+        if not 0.0 <= float(c["smooth"]) < 1.0:
+            raise PalrError(f"SASRec: smooth must be in [0, 1), got {c['smooth']}")
+        if float(c["lr"]) <= 0:
+            raise PalrError(f"SASRec: lr must be > 0, got {c['lr']}")
         return c
 
     def _build(self) -> SASRecNet:
@@ -294,14 +340,17 @@ class SASRec:
                          int(c["max_len"]))
 
     def fit(self, train: Sequence[np.ndarray], n_items: int, *,
-            valid: tuple[Sequence[np.ndarray], np.ndarray] | None = None, progress: bool = False) -> SASRec:
+            valid: tuple[Sequence[np.ndarray], np.ndarray] | None = None, progress: bool = False,
+            report: Report | None = None) -> SASRec:
         """Train on every next-item target of ``train``; ``valid`` = (histories, targets) only picks the
-        epoch (early stopping on NDCG@10, best weights kept). Without ``valid`` all epochs run."""
+        epoch (early stopping on NDCG@10, best weights kept). Without ``valid`` all epochs run.
+        ``report(epoch, entry)`` sees every validation (``palr tune`` prunes through it)."""
         c = self.resolve(train, n_items)
         torch.manual_seed(int(c["seed"]))
         self.n_items = n_items
-        self.net = self._build()
-        self.history = train_sasrec(self.net, train, n_items, c, valid, progress)
+        self.net = self._build().to(resolve_device(str(c["device"])))
+        self.history = train_sasrec(self.net, train, n_items, c, valid, progress, report)
+        self.net.cpu()
         return self
 
     @torch.no_grad()
