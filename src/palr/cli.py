@@ -118,6 +118,32 @@ def train(dataset: str = DatasetOpt,
     console.print(f"saved run {run}; valid NDCG@10 {metrics['valid']['NDCG@10']:.4f} HR@10 {metrics['valid']['HR@10']:.4f}")
 
 
+@app.command("tune")
+def tune_cmd(dataset: str = DatasetOpt,
+             retriever: str = typer.Option("sasrec", "--retriever", "-r", help="popularity, itemknn, sasrec, als, bpr, text"),
+             out: Path = typer.Option(..., "--out", "-o", help="Directory for trials.csv/json, study.json and best/."),
+             budget: float = typer.Option(600.0, "--budget", help="Wall-clock seconds for the whole search."),
+             trials: int | None = typer.Option(None, "--trials", help="At most this many trials (default: until the budget)."),
+             space: Path | None = typer.Option(None, "--space", help="Search space file (JSON/TOML) merged over the default."),
+             param: list[str] | None = typer.Option(None, "--param", "-p", help="Fix a hyper-parameter key=value in every trial."),
+             pruner: str = typer.Option("median", "--pruner", help="median (prune on the validation curve) or none."),
+             seed: int = typer.Option(0, help="Seed of the sampler and of every trial."),
+             data_dir: Path | None = DataDirOpt) -> None:
+    """Search a retriever's hyper-parameters (Optuna) on validation NDCG@10; saves the best run and the trials."""
+    from palr.retrieval.tune import load_space_file, tune
+
+    res = tune(dataset, retriever, out, budget_s=budget, trials=trials, seed=seed, pruner=pruner,
+               space=load_space_file(space, retriever) if space else None, fixed=parse_params(param),
+               data_dir=data_dir)
+    states = [t["state"] for t in res.trials]
+    console.print(f"{len(states)} trials ({states.count('complete')} complete, {states.count('pruned')} pruned); "
+                  f"trial table {res.out / 'trials.csv'}")
+    if res.best_run is None:
+        raise PalrError("no trial completed within the budget; raise --budget")
+    console.print(f"best valid NDCG@10 {res.best_value:.4f} with {json.dumps(res.best_params, sort_keys=True)}; "
+                  f"run {res.best_run} (palr evaluate --run {res.best_run} ...)")
+
+
 @app.command("evaluate")
 def evaluate(run_arg: Path | None = typer.Argument(None, metavar="[RUN]", help=RunArgHelp),
              dataset: str | None = typer.Option(None, "--dataset", "-d", help="Data set (with --retriever)."),

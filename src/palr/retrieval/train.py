@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,12 @@ def seed_everything(seed: int) -> None:
 
 
 def fit_retriever(name: str, split: Split, params: dict[str, Any] | None = None, seed: int = 0,
-                  progress: bool = False) -> tuple[Retriever, float]:
-    """Build and fit a retriever on ``split.train`` (validation only for early stopping)."""
+                  progress: bool = False, report: Callable[[int, dict[str, Any]], None] | None = None,
+                  ) -> tuple[Retriever, float]:
+    """Build and fit a retriever on ``split.train`` (validation only for early stopping).
+
+    ``report(epoch, entry)`` is passed to retrievers whose ``fit`` takes it (SASRec: after each validation).
+    """
     seed_everything(seed)
     params = dict(params or {})
     cls = retriever_class(name)
@@ -48,6 +53,8 @@ def fit_retriever(name: str, split: Split, params: dict[str, Any] | None = None,
         params.setdefault("seed", seed)  # the run's seed seeds the model too; an explicit --param seed=N is kept
     model = make_retriever(name, **params)
     extra: dict[str, Any] = {"catalog": split.dataset.catalog} if getattr(cls, "needs_catalog", False) else {}
+    if report is not None and "report" in inspect.signature(model.fit).parameters:
+        extra["report"] = report
     t0 = time.perf_counter()
     model.fit(split.train, split.n_items, valid=(split.histories("valid"), split.targets("valid")),
               progress=progress, **extra)
@@ -126,17 +133,24 @@ def train_run(dataset: str, retriever: str, out: str | Path, *, params: dict[str
         log.info("train %s on %s (%d users, %d items), seed %d, params %s", retriever, split.dataset.name,
                  split.dataset.n_users, split.n_items, seed, json.dumps(params or {}, sort_keys=True))
         model, fit_s = fit_retriever(retriever, split, params, seed, progress)
-        model.save(run / "model")
         val = evaluate_retriever(model, split, "valid", ks, progress=progress)
         log.info("fit %s in %.1fs; valid %s", retriever, fit_s, json.dumps(val["metrics"]))
-    metrics = {"valid": val["metrics"], "timings": {"fit_s": round(fit_s, 3), "valid_eval_s": round(val["seconds"], 3)}}
+    save_retriever_run(run, model, split, retriever, seed=seed, data_dir=data_dir, fit_s=fit_s, valid=val)
+    return run
+
+
+def save_retriever_run(run: Path, model: Retriever, split: Split, retriever: str, *, seed: int,
+                       data_dir: str | Path | None, fit_s: float, valid: dict[str, Any]) -> None:
+    """Write a fitted retriever as a complete run directory (``valid`` = ``evaluate_retriever`` on valid)."""
+    model.save(run / "model")
+    metrics = {"valid": valid["metrics"],
+               "timings": {"fit_s": round(fit_s, 3), "valid_eval_s": round(valid["seconds"], 3)}}
     history = getattr(model, "history", None)
     if history:
         metrics["history"] = history
     finish_run(run, "retriever", split.dataset,
                {"retriever": retriever, "params": model.params(), "seed": seed, "data_dir": str(data_dir or "")},
                metrics)
-    return run
 
 
 def load_run(run: str | Path, data_dir: str | Path | None = None) -> tuple[dict[str, Any], Retriever, Split]:
