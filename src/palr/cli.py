@@ -141,7 +141,7 @@ def tune_cmd(dataset: str = DatasetOpt,
     if res.best_run is None:
         raise PalrError("no trial completed within the budget; raise --budget")
     console.print(f"best valid NDCG@10 {res.best_value:.4f} with {json.dumps(res.best_params, sort_keys=True)}; "
-                  f"run {res.best_run} (palr evaluate --run {res.best_run} ...)")
+                  f"run {res.best_run} (test it: palr evaluate {res.best_run} --out results.json)")
 
 
 @app.command("evaluate")
