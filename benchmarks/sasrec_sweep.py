@@ -8,6 +8,9 @@ never touched.
 
     python benchmarks/sasrec_sweep.py --out sweep.jsonl --workers 8 --budget 360    # runs (a GPU helps)
     python benchmarks/sasrec_sweep.py --analyse sweep.jsonl                          # tables
+
+The two sweeps behind palr's defaults (2026-11-27, one H200, 12 worker processes) are kept in
+benchmarks/sweeps/ (``--phase 1``: amazon-beauty; ``--phase 2``: ml-100k and ml-latest-small).
 """
 
 from __future__ import annotations
@@ -125,7 +128,12 @@ def stop_epoch(curve: np.ndarray, every: int, patience: int, smooth: float) -> i
 
 
 def analyse(path: str, rules: list[tuple[int, int, float]]) -> None:
-    rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    """Per data set and configuration: the best whole-validation NDCG@10 and, for each (every, patience,
+    smooth) rule, the held-out-half NDCG@10 of the epoch it keeps and that epoch."""
+    import gzip
+
+    raw = gzip.decompress(Path(path).read_bytes()) if path.endswith(".gz") else Path(path).read_bytes()
+    rows = [json.loads(x) for x in raw.decode().splitlines() if x.strip()]
     runs: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
         runs.setdefault(r["job"], []).append(r)
