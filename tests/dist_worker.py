@@ -1,7 +1,7 @@
 """One process of test_distributed.py's launch: `palr finetune` then `palr evaluate` through the real command line,
 with spies that record which training rows this process computed a loss on and which files it wrote.
 
-Usage (under a launcher): dist_worker.py SPY_DIR -- finetune ARGS... -- evaluate ARGS...
+Usage (under a launcher): dist_worker.py SPY_DIR -- finetune ARGS... -- evaluate ARGS... [-- COMMAND ARGS...]
 The first command is first run with a crash right after the first checkpoint (every process), then again: the
 second run resumes. Writes SPY_DIR/rank<R>.json.
 """
@@ -70,7 +70,8 @@ def main() -> None:
     run_mod.encode_records = spy_encode
     for module, name in [(run_mod, "begin_run"), (run_mod, "write_json"), (run_mod, "write_jsonl"),
                          (run_mod, "finish_run"), (pipeline_mod, "write_json"),
-                         (retrieval_mod, "write_predictions")]:
+                         (retrieval_mod, "write_predictions"), (retrieval_mod, "write_candidates"),
+                         (retrieval_mod, "write_json")]:
         writes(module, name)
     class Crash(Exception):
         pass

@@ -70,6 +70,11 @@ def test_two_cpu_processes_shard_training_and_evaluate_like_one(tmp_path: Path) 
     run, spy = tmp_path / "palr", tmp_path / "spy"
     ft = ["finetune", str(retr), "--out", str(run), "--epochs", "2", "--batch-size", str(batch), "--positions", "1",
           "--candidates", "20", "--valid-users", "64", "--mini-dim", "32", "--mini-layers", "1"]
+
+    def cand(n: int) -> list[str]:  # candidate generation: a retriever run's top-20 for every test user
+        return ["evaluate", str(retr), "--out", str(tmp_path / f"rr{n}.json"), "--predictions",
+                str(tmp_path / f"rp_retr{n}.jsonl"), "--candidates", "20", "--candidates-out", str(tmp_path / f"c{n}.jsonl")]
+
     ev = ["evaluate", str(run), "--out", str(tmp_path / "r2.json"), "--predictions", str(tmp_path / "p2.jsonl"),
           "--retriever-predictions", str(tmp_path / "rp2.jsonl")]
     src = str(Path(palr.__file__).resolve().parents[1])
@@ -77,7 +82,7 @@ def test_two_cpu_processes_shard_training_and_evaluate_like_one(tmp_path: Path) 
            "PYTHONPATH": os.pathsep.join([src, str(HERE), os.environ.get("PYTHONPATH", "")])}
     # --standalone: a free port on localhost chosen by the rendezvous, so parallel runs never collide
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "dist_worker.py"), str(spy), "--", *ft, "--", *ev]
+           str(HERE / "dist_worker.py"), str(spy), "--", *ft, "--", *ev, "--", *cand(2)]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -124,6 +129,15 @@ def test_two_cpu_processes_shard_training_and_evaluate_like_one(tmp_path: Path) 
     assert two["timings"]["processes"] == 2 and two["results"]["PALR (end to end)"]["test"]["users"] == 600
     assert (tmp_path / "p1.jsonl").read_text() == (tmp_path / "p2.jsonl").read_text()
     assert (tmp_path / "rp1.jsonl").read_text() == (tmp_path / "rp2.jsonl").read_text()
+
+    # candidate generation (a retriever run, --candidates): sharded == one process
+    from palr.cli import app
+
+    app(cand(1), standalone_mode=False)
+    r1, r2 = (json.loads((tmp_path / f"rr{n}.json").read_text()) for n in (1, 2))
+    assert r1["results"] == r2["results"] and r2["timings"]["processes"] == 2
+    for name in ("c", "rp_retr"):
+        assert (tmp_path / f"{name}1.jsonl").read_text() == (tmp_path / f"{name}2.jsonl").read_text()
 
 
 def _options(command: str) -> list[str]:
