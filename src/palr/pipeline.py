@@ -68,7 +68,7 @@ class PALR:
     :class:`palr.ranking.RankingConfig`.
     """
 
-    def __init__(self, run: Path, config: dict[str, Any], split: Split, retriever: Any, ranker: Ranker,
+    def __init__(self, run: Path, config: dict[str, Any], split: Split, retriever: Any, ranker: Any,
                  ranking: dict[str, Any], profiles: Any = None) -> None:
         self.run, self.config, self.split, self.retriever, self.ranker, self.ranking = run, config, split, retriever, ranker, ranking
         if profiles is None:
@@ -82,7 +82,7 @@ class PALR:
     def load(cls, run: str | Path, data_dir: str | Path | None = None, mode: str | None = None,
              device: str = "auto", *, llm: str | None = None, allow_fallback: bool = True,
              profiler: str | None = None, n_candidates: int | None = None, weight: float | None = None,
-             profile_cache: str | Path | None = None) -> PALR:
+             profile_cache: str | Path | None = None, features: bool = True) -> PALR:
         """Load a PALR run, or a retriever run with ``llm`` (zero-shot). ``allow_fallback=False``: an unreachable
         LLM stops every call with :class:`palr.errors.LLMUnavailable` instead of keeping the retriever's order."""
         from palr.llm.base import load_llm
@@ -99,6 +99,10 @@ class PALR:
             raw = json.loads((run / "ranking.json").read_text())
             rc = RankingConfig.from_dict(raw)
             retriever = load_retriever(run / "retriever")
+            if raw.get("ranker") == "features":  # the feature re-ranker: no LLM, no profiles
+                from palr.feature_ranker import FeatureRanker
+
+                return cls(run, cfg, split, retriever, FeatureRanker.load(run / raw["ranker_dir"]), raw)
             if llm:
                 raw = {**raw, "llm": llm}
         elif kind == "retriever":
@@ -123,8 +127,14 @@ class PALR:
             options = {"device": device, **options}
         model = load_llm(spec, **options)
         builder = PromptBuilder(split.dataset.catalog, rc.style, rc.history_len)  # type: ignore[arg-type]
-        ranker = Ranker(model, builder, mode=mode or rc.mode, weight=rc.weight,  # type: ignore[arg-type]
-                        batch_size=64 if rc.style == "tokens" else 8, fusion=rc.fusion, allow_fallback=allow_fallback)
+        ranker: Any = Ranker(model, builder, mode=mode or rc.mode, weight=rc.weight,  # type: ignore[arg-type]
+                             batch_size=64 if rc.style == "tokens" else 8, fusion=rc.fusion,
+                             allow_fallback=allow_fallback)
+        if raw.get("features") and features and not llm and ranker.mode == "verbalizer":
+            from palr.feature_ranker import FeatureRanker
+            from palr.fusion import FusedRanker  # the PALR ranker: LLM + feature ranker (``features=False``: LLM)
+
+            ranker = FusedRanker(ranker, FeatureRanker.load(run / raw["features"]["dir"]), float(raw["features"]["weight"]))
         cache = ProfileCache(profile_cache) if profile_cache else None
         prof = make_profiler(spec=rc.profiler, ranking_llm=model, allow_fallback=allow_fallback)
         profiles = HistoryProfiles(split.dataset.name, split.dataset.catalog, prof, cache, enabled=rc.profiles)
@@ -247,7 +257,8 @@ class PALR:
             return Recommendation(user, self.profile_text(hist) or "", [], notes, self.llm_counts(), match_docs)
         cands, cscores = top_k(self.retriever.score([hist]), [hist], min(self.ranking["n_candidates"], left))
         profile = self.profile_text(hist)
-        res = self.ranker.rank([hist], [profile], cands, cscores)
+        u = np.array([self.split.dataset.user_index(user)]) if user is not None and history is None else None
+        res = self.ranker.rank([hist], [profile], cands, cscores, users=u)
         if res.failed[0]:
             notes.append("the LLM failed for this user: the retriever's order stands")
         notes += res.notes
@@ -311,6 +322,19 @@ def _rank_all(palr: PALR, hist: list[np.ndarray], profiles: list[str | None], ca
     return np.concatenate(lps), np.concatenate(failed), invalid, time.perf_counter() - t0
 
 
+def _own_scores(palr: PALR, hist: list[np.ndarray], profiles: list[str | None], cands: np.ndarray,
+                cscores: np.ndarray, users: np.ndarray, progress: bool, desc: str,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fused scores, LLM log-probs, failed), candidates in retriever order, from a ranker that fuses itself."""
+    from tqdm.auto import tqdm
+
+    bs = palr.ranker.batch_size
+    parts = [palr.ranker.score_candidates(hist[s:s + bs], profiles[s:s + bs], cands[s:s + bs], cscores[s:s + bs],
+                                          users=users[s:s + bs])
+             for s in tqdm(range(0, len(hist), bs), desc=desc, disable=not progress, leave=False)]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+
+
 def _fused_ranks(lp: np.ndarray, failed: np.ndarray, cands: np.ndarray, cscores: np.ndarray, targets: np.ndarray,
                  weight: float, fusion: str) -> np.ndarray:
     from palr.ranking import floor_missing, fuse, retriever_prior
@@ -372,16 +396,25 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     profiles = palr.profiles.texts(hist)
     prof_s = time.perf_counter() - t0
     K = cands.shape[1]
-    if len(hist):
+    own = hasattr(palr.ranker, "score_candidates")  # the feature ranker and the fused PALR ranker fuse themselves
+    if own and len(hist):
+        fused, lp, failed_mask = _own_scores(palr, hist, profiles, cands, cscores, sel, show, f"ranking ({stage})")
+        invalid = 0
+    elif len(hist):
         lp, failed_mask, invalid, _ = _rank_all(palr, hist, profiles, cands, cscores, show, f"PALR ranking ({stage})")
     else:
         lp, failed_mask, invalid = np.empty((0, K), np.float32), np.zeros(0, dtype=bool), 0
+        fused = np.empty((0, K))
     w, fusion = float(palr.ranker.weight), palr.ranker.fusion
-    fused = fuse(floor_missing(lp), w, cscores, fusion)
-    fused[failed_mask] = retriever_prior(cands.shape, cscores, fusion)[failed_mask]
+    if not own:
+        fused = fuse(floor_missing(lp), w, cscores, fusion)
+        fused[failed_mask] = retriever_prior(cands.shape, cscores, fusion)[failed_mask]
     order, _ = order_by(fused, cands)
-    part = {"order": order, "ranks": positional_ranks(fused, cands, targets),
-            "llm_ranks": _fused_ranks(lp, failed_mask, cands, cscores, targets, 0.0, fusion),
+    ranks_part = positional_ranks(fused, cands, targets)
+    no_llm = own and not np.isfinite(lp).any()  # the feature ranker: "LLM alone" is itself
+    part = {"order": order, "ranks": ranks_part,
+            "llm_ranks": ranks_part if no_llm else
+            _fused_ranks(lp, failed_mask, cands, cscores, targets, 0.0, "rank" if own else fusion),
             "hit": np.array([t in row for row, t in zip(cands, targets)], dtype=bool),
             "retr_ranks": retr["ranks"], "retr_predictions": retr["predictions"], "targets": targets,
             "failed": failed_mask, "invalid": invalid}
@@ -396,7 +429,7 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     lat = []
     for u in lat_users:
         t1 = time.perf_counter()
-        palr.ranker.rank([hist[u]], [profiles[u]], cands[u:u + 1], cscores[u:u + 1])
+        palr.ranker.rank([hist[u]], [profiles[u]], cands[u:u + 1], cscores[u:u + 1], users=sel[u:u + 1])
         lat.append(time.perf_counter() - t1)
     retr_name = palr.retriever_name
     llm_ranks = g["llm_ranks"]

@@ -237,8 +237,10 @@ class Ranker:
 
     # -- both
     def rank(self, histories: Sequence[np.ndarray], profiles: Sequence[str | None], candidates: np.ndarray,
-             scores: np.ndarray | None = None, weight: float | None = None) -> RankResult:
-        """Rank each row of ``candidates`` (retriever order, best first; ``scores`` = the retriever's)."""
+             scores: np.ndarray | None = None, weight: float | None = None, users: np.ndarray | None = None,
+             ) -> RankResult:
+        """Rank each row of ``candidates`` (retriever order, best first; ``scores`` = the retriever's);
+        ``users`` (data set rows, unused here) is part of the rankers' shared contract."""
         w = self.weight if weight is None else weight
         t0 = time.perf_counter()
         failed = np.zeros(len(histories), dtype=bool)
