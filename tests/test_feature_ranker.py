@@ -78,9 +78,10 @@ def score_predictions(path: Path, ds: Dataset, k: int = 10) -> float:
 
 
 def test_cli_feature_run_evaluates_like_a_palr_run(tmp_path: Path) -> None:
+    from test_palr import write_csv
+
     from palr.cli import app
     from palr.pipeline import PALR
-    from test_palr import write_csv
 
     name = write_csv(tmp_path, n_users=160, n_items=60)
     runner = CliRunner()

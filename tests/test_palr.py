@@ -118,7 +118,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     name = write_csv(tmp)
     rrun = train_run(name, "itemknn", tmp / "retr", progress=False)
     cfg = FinetuneConfig(epochs=1.0, valid_users=50, batch_size=16, mini_vocab=300, mini_dim=32, mini_layers=1,
-                         examples=ExampleConfig(positions_per_user=2, n_candidates=20))
+                         text_encoder="tfidf", examples=ExampleConfig(positions_per_user=2, n_candidates=20,
+                                                                      source="both"))
     prun = finetune(rrun, tmp / "palr", cfg, progress=False)
     return {"name": name, "retriever": rrun, "palr": prun, "tmp": tmp}
 
@@ -224,10 +225,16 @@ def test_a_failing_llm_keeps_the_retriever_order(tiny_run: dict) -> None:
 
     palr.ranker.llm = Broken()
     hist = palr.split.histories("test")[:3]
-    cands, _ = palr.candidates(hist)
-    res = palr.ranker.rank(hist, [None] * 3, cands)
+    cands, sc = palr.candidates(hist)
+    llm_ranker = getattr(palr.ranker, "llm_ranker", palr.ranker)
+    res = llm_ranker.rank(hist, [None] * 3, cands)
     assert res.failed.all() and res.notes
     assert res.order.tolist() == cands.tolist()
+    # fused with the feature ranker (weight forced above 0): the feature ranker's order stands
+    assert palr.ranker.mode == "verbalizer+features"
+    res = palr.ranker.rank(hist, [None] * 3, cands, sc, weight=1.0)
+    assert res.failed.all() and res.notes
+    assert res.order.tolist() == palr.ranker.features.rank(hist, None, cands, sc).order.tolist()
 
 
 def test_the_embedded_model_served_over_openai_ranks_as_the_local_one(tiny_run: dict) -> None:
@@ -358,3 +365,51 @@ def test_pretraining_lowers_the_next_item_loss(synth_split: Split, tmp_path: Pat
     builder = PromptBuilder(synth_split.dataset.catalog, "tokens")
     losses = pretrain_sequences(model, tok, synth_split, builder, epochs=4, window=30, lr=5e-3)
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]
+
+
+# ---------------------------------------------------------------------------- genuine candidates (issue 11)
+def test_genuine_examples_hold_no_test_item_and_no_held_out_user(synth_split: Split) -> None:
+    from palr.feature_ranker import split_users
+    from palr.finetune.data import genuine_contexts
+    from palr.retrieval.train import candidates_for
+
+    ret = make_retriever("itemknn").fit(synth_split.train, synth_split.n_items)
+    ranked, _ = candidates_for(ret, synth_split, "valid", 21)
+    fit_u, held = split_users(len(synth_split.train), 0.2, seed=0)
+    ex = genuine_contexts(synth_split, fit_u, ranked, 20)
+    check_no_leak(ex, synth_split, held)
+    assert {e.user for e in ex} == set(fit_u.tolist())
+    for e in ex:
+        u = e.user
+        assert e.targets == [synth_split.valid_targets[u]] and e.targets[0] in e.candidates
+        assert synth_split.test_targets[u] not in e.candidates and len(set(e.candidates.tolist())) == 20
+        assert np.array_equal(e.history, synth_split.train[u])
+    # the retriever's own list: every candidate but a missed target comes from it, in its order
+    e = ex[0]
+    assert [c for c in e.candidates if c != e.targets[0]] == [c for c in ranked[e.user] if c in e.candidates
+                                                               and c != e.targets[0]]
+    # the check catches a held-out user, a test item, and a validation item in a prefix example
+    with pytest.raises(AssertionError, match="held-out"):
+        check_no_leak(genuine_contexts(synth_split, held[:1], ranked, 20), synth_split, held)
+    bad = genuine_contexts(synth_split, fit_u[:1], ranked, 20)
+    bad[0].candidates[0] = synth_split.test_targets[bad[0].user]
+    with pytest.raises(AssertionError, match="leak"):
+        check_no_leak(bad, synth_split)
+    short = genuine_contexts(synth_split, fit_u[:1], ranked, 20)
+    short[0].history = short[0].history[:-1]  # not the whole training sequence: a prefix may not see it
+    with pytest.raises(AssertionError, match="leak"):
+        check_no_leak(short, synth_split)
+
+
+def test_finetune_trains_no_held_out_user_and_chooses_on_them(tiny_run: dict) -> None:
+    from palr.feature_ranker import split_users
+
+    prun = tiny_run["palr"]
+    cfg = json.loads((prun / "config.json").read_text())["config"]["finetune"]
+    n_users = json.loads((prun / "config.json").read_text())["dataset"]["users"]
+    _, held = split_users(n_users, cfg["holdout"], cfg["seed"])
+    users = {json.loads(line)["user"] for line in (prun / "instructions.jsonl").read_text().splitlines()}
+    assert users and not users & set(held.tolist())
+    m = json.loads((prun / "metrics.json").read_text())["valid"]
+    assert m["features"]["users"] == len(held)  # the fusion weight was chosen on the held-out users
+    assert m["features"]["trees"]["holdout_users"] == len(held)

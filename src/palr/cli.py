@@ -357,6 +357,14 @@ def finetune_cmd(run_arg: Path | None = typer.Argument(None, metavar="RUN", help
                  swap_prob: float = typer.Option(0.0, help="Item-swap augmentation probability (paper's idea)."),
                  valid_users: int = typer.Option(1000, help="Validation users ranked after each epoch."),
                  profiles: bool = typer.Option(True, "--profiles/--no-profiles", help="Put the user profile in prompts."),
+                 source: str = typer.Option("both", "--source", help="Training examples: valid (genuine candidates "
+                                            "of validation users; a held-out share trains nothing), prefixes "
+                                            "(training-sequence prefixes), both."),
+                 item_init: str = typer.Option("hybrid", "--item-init", help="Mini item tokens start from: hybrid "
+                                               "(retriever ID + text embeddings), retriever, text, none."),
+                 features: bool = typer.Option(True, "--features/--no-features", help="Fuse the LLM with the "
+                                               "feature ranker (weight chosen on held-out validation users)."),
+                 holdout: float = typer.Option(0.2, help="Share of validation users held out for choices."),
                  mini_layers: int = typer.Option(2, help="Mini model: layers."),
                  mini_dim: int = typer.Option(64, help="Mini model: hidden size."),
                  seed: int = typer.Option(0, help="Random seed."),
@@ -366,8 +374,8 @@ def finetune_cmd(run_arg: Path | None = typer.Argument(None, metavar="RUN", help
     if ranker == "features":
         from palr.feature_ranker import FeatureRankerConfig, train_feature_run
 
-        path = train_feature_run(input_run(run_arg, run), out, FeatureRankerConfig(n_candidates=candidates, seed=seed,
-                                                                   text_encoder=text_encoder), data_dir=data_dir)
+        fcfg = FeatureRankerConfig(n_candidates=candidates, seed=seed, holdout=holdout, text_encoder=text_encoder)
+        path = train_feature_run(input_run(run_arg, run), out, fcfg, data_dir=data_dir)
         m = json.loads((path / "metrics.json").read_text())["valid"]
         console.print(f"saved feature-ranker run {path} in {m['total_seconds']:.0f} s; held-out validation NDCG@10 "
                       f"{m['holdout_ndcg@10']:.4f} (retriever {m['holdout_ndcg@10_retriever']:.4f}, {m['rounds']} "
@@ -382,16 +390,21 @@ def finetune_cmd(run_arg: Path | None = typer.Argument(None, metavar="RUN", help
 
     r, a = (int(x) for x in lora.split(",")) if lora else (0, 16)
     ex = ExampleConfig(user_fraction=user_fraction, positions_per_user=positions, history_len=history_len,
-                       n_candidates=candidates, swap_prob=swap_prob, seed=seed)
-    cfg = FinetuneConfig(base_model=base_model, lora_r=r, lora_alpha=a, epochs=epochs, lr=lr, batch_size=batch_size,
+                       n_candidates=candidates, swap_prob=swap_prob, source=source, seed=seed)
+    cfg = FinetuneConfig(item_init=item_init, feature_ranker=features, holdout=holdout, text_encoder=text_encoder,
+                         base_model=base_model, lora_r=r, lora_alpha=a, epochs=epochs, lr=lr, batch_size=batch_size,
                          tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), valid_users=valid_users,
                          examples=ex, profiles=profiles, mini_layers=mini_layers, mini_dim=mini_dim, seed=seed)
     path = finetune(input_run(run_arg, run), out, cfg, data_dir=data_dir, progress=distributed.is_main())
     if not distributed.is_main():
         return
     m = json.loads((path / "metrics.json").read_text())["valid"]
-    console.print(f"saved PALR run {path}; valid NDCG@10 {m['ndcg@10']:.4f} (LLM alone {m['ndcg@10_llm']:.4f}, "
-                  f"retriever {m['ndcg@10_retriever']:.4f}, fusion weight {m['weight']})")
+    console.print(f"saved PALR run {path}; held-out valid NDCG@10 {m['ndcg@10']:.4f} (LLM alone "
+                  f"{m['ndcg@10_llm']:.4f}, retriever {m['ndcg@10_retriever']:.4f}, fusion weight {m['weight']})")
+    if "features" in m:
+        f = m["features"]
+        console.print(f"    with the feature ranker: {f['ndcg@10']:.4f} (feature ranker alone {f['ndcg@10_features']:.4f}, "
+                      f"LLM weight {f['weight']})")
 
 
 @app.command("recommend")

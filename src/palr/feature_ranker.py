@@ -51,7 +51,8 @@ def require_lightgbm() -> Any:
     try:
         import lightgbm
     except ImportError:
-        raise PalrError("the feature ranker needs LightGBM: pip install 'palr[rank]'") from None
+        raise PalrError("the feature ranker needs LightGBM: pip install 'palr[rank]' (or fine-tune with "
+                        "--no-features)") from None
     return lightgbm
 
 

@@ -8,8 +8,15 @@ users recognise, plus the fields palr's trainer uses (``candidates``, ``target``
 * ``verbalizer``           history + profile + candidates -> the next item (one answer token: the
   candidate's label; for the embedded model the label is the item's own token ``<iN>``).
 
-Training examples take a prefix of a user's training sequence as history and the following item(s) as
-targets. Candidates are the targets plus hard negatives: the retriever's own top-K for that history
+Training examples come from two sources (``ExampleConfig.source``):
+
+* ``valid`` (genuine candidates; the default ``both`` adds the prefixes below): the validation users of the *fit share* (the held-out share,
+  :func:`palr.feature_ranker.split_users`, never trains; it picks the epoch and the fusion), history = the
+  training sequence, target = the validation item, candidates = the retriever's own top-K for that
+  history -- the retriever was fitted on the training split, so the validation item was not in its
+  training data, exactly as at test time. A target the retriever missed replaces its last candidate (the
+  negatives stay genuine). The user's test item never appears (it is skipped as a candidate).
+* ``prefixes``: a prefix of a user's training sequence as history and the following item(s) as targets. Candidates are the targets plus hard negatives: the retriever's own top-K for that history
 (the retriever was fitted on the same training split), items sharing the targets' genres/categories,
 and items co-occurring with them; shuffled with a seeded generator so the target's position teaches
 nothing. The user's validation and test items never appear (checked by :func:`check_no_leak`).
@@ -57,6 +64,7 @@ class ExampleConfig:
     genre_negatives: int = 5  # same-genre/category items among the candidates
     cooc_negatives: int = 5  # items co-occurring with the target in training sequences
     swap_prob: float = 0.0  # item-swap augmentation between history and answer (paper)
+    source: str = "both"  # "valid" (genuine candidates of validation users), "prefixes", or "both"
     seed: int = 0
 
 
@@ -69,15 +77,46 @@ def select_users(n_users: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(rng.permutation(n_users)[:k]) if k < n_users else np.arange(n_users)
 
 
-def training_contexts(split: Split, cfg: ExampleConfig) -> list[Example]:
-    """Prefix -> next item(s) contexts inside each selected user's **training** sequence."""
+def training_contexts(split: Split, cfg: ExampleConfig, exclude: Iterable[int] = ()) -> list[Example]:
+    """Prefix -> next item(s) contexts inside each selected user's **training** sequence (``exclude``: users
+    kept out, the held-out validation share)."""
     out: list[Example] = []
+    skip = {int(u) for u in exclude}
     for u in select_users(len(split.train), cfg.user_fraction, cfg.seed):
+        if int(u) in skip:
+            continue
         seq = split.train[u]
         first = max(1, len(seq) - cfg.positions_per_user)
         for t in range(first, len(seq)):
             out.append(Example(int(u), seq[:t], [int(x) for x in seq[t:t + cfg.n_targets]]))
     return out
+
+
+def genuine_contexts(split: Split, users: np.ndarray, candidates: np.ndarray, k: int) -> list[Example]:
+    """One example per user: training sequence -> validation item, candidates = the retriever's list for it.
+
+    ``candidates`` (U, >= k) are the retriever's ranked lists for the validation stage (row u = user u),
+    longer than ``k`` so that the user's test item can be skipped. The target replaces the last candidate
+    when the retriever missed it; the list keeps the retriever's order (shuffled later with a seed).
+    """
+    out = []
+    for u in users:
+        u = int(u)
+        tgt, test = int(split.valid_targets[u]), int(split.test_targets[u])
+        row = [int(c) for c in candidates[u] if int(c) != test][:k]
+        if tgt not in row:
+            row[-1] = tgt
+        out.append(Example(u, split.train[u], [tgt], np.array(row, dtype=np.int64)))
+    return out
+
+
+def shuffle_candidates(examples: list[Example], seed: int) -> list[Example]:
+    """Seeded shuffle of each example's candidates (the target's slot teaches nothing)."""
+    rng = np.random.default_rng(seed + 5)
+    for e in examples:
+        e.candidates = e.candidates.copy()
+        rng.shuffle(e.candidates)
+    return examples
 
 
 class NegativeSampler:
@@ -159,11 +198,17 @@ def attach_candidates(examples: list[Example], split: Split, retriever: Any, cfg
     return examples
 
 
-def check_no_leak(examples: Iterable[Example], split: Split) -> None:
-    """Raise if a training example holds the user's validation or test item anywhere."""
+def check_no_leak(examples: Iterable[Example], split: Split, held_out: Iterable[int] = ()) -> None:
+    """Raise if a training example holds the user's test item anywhere, a validation item other than as the
+    target of a genuine example (history = the whole training sequence), or a held-out user's data."""
+    held = {int(u) for u in held_out}
     for e in examples:
-        fut = {int(split.valid_targets[e.user]), int(split.test_targets[e.user])}
+        if e.user in held:
+            raise AssertionError(f"leak: held-out validation user {e.user} in the training data")
+        valid, test = int(split.valid_targets[e.user]), int(split.test_targets[e.user])
         seen = set(e.history.tolist()) | set(e.targets) | set(e.candidates.tolist())
+        genuine = len(e.history) == len(split.train[e.user]) and e.targets == [valid]
+        fut = {test} if genuine else {valid, test}
         if fut & seen:
             raise AssertionError(f"leak: user {e.user}'s validation/test item {sorted(fut & seen)} in training data")
 

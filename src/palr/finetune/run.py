@@ -12,7 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from palr.finetune.data import attach_candidates, augment_swap, records, training_contexts, write_jsonl
+from palr.errors import PalrError
+from palr.finetune.data import (
+    attach_candidates,
+    augment_swap,
+    check_no_leak,
+    genuine_contexts,
+    records,
+    shuffle_candidates,
+    training_contexts,
+    write_jsonl,
+)
 from palr.finetune.train import (
     FinetuneConfig,
     ValidationSet,
@@ -113,14 +123,36 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         shutil.copytree(Path(retriever_run) / "model", out / "retriever", dirs_exist_ok=True)
     profile_of = attribute_profiler(split.dataset.catalog, cfg.profiles)
 
-    # 1. instruction data, from the training split only (every process builds the same list; the sampler shards it)
-    ex = training_contexts(split, cfg.examples)
-    ex = attach_candidates(ex, split, retriever, cfg.examples, progress=progress)
+    # 1. instruction data: genuine candidates of the fit share of validation users and/or training prefixes;
+    #    the held-out share trains nothing (it picks the epoch and the fusion weights)
+    from palr.feature_ranker import split_users
+    from palr.retrieval.train import candidates_for
+
+    K = cfg.examples.n_candidates
+    # every process builds the same lists (the sampler shards the records); one spare: the test item is skipped
+    ranked, ranked_scores = candidates_for(retriever, split, "valid", K + 1, sharded=True)
+    valid_cands = (ranked[:, :K], ranked_scores[:, :K])
+    fit_users, held_out = split_users(len(split.train), cfg.holdout, cfg.seed)
+    source = cfg.examples.source
+    if source not in ("valid", "prefixes", "both"):
+        raise PalrError(f"unknown example source {source!r}; use valid, prefixes or both")
+    ex = []
+    if source in ("prefixes", "both"):
+        ex += attach_candidates(training_contexts(split, cfg.examples, exclude=held_out), split, retriever,
+                                cfg.examples, progress=progress)
+    if source in ("valid", "both"):
+        ex += shuffle_candidates(genuine_contexts(split, fit_users, ranked, K), cfg.seed)
     ex = augment_swap(ex, cfg.examples.swap_prob, np.random.default_rng(cfg.seed + 3))
+    check_no_leak(ex, split, held_out)
     for e in ex:
         e.profile = profile_of(e.history)
+    feats = None
+    if cfg.feature_ranker or cfg.item_init in ("text", "hybrid"):
+        from palr.features import CandidateFeatures
+
+        feats = CandidateFeatures().fit(split, cfg.text_encoder, cfg.seed)
     with distributed.main_first():  # the main process creates base/, the others load it
-        model, tok = build_base(cfg, split, out, retriever)
+        model, tok = build_base(cfg, split, out, retriever, None if feats is None else feats.emb)
     builder = PromptBuilder(split.dataset.catalog, cfg.style, cfg.examples.history_len)  # type: ignore[arg-type]
     ckpt = out / "checkpoints"
     pre_losses: list[float] = []
@@ -141,11 +173,8 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
     if main:
         log.info("%d training contexts -> %d records (%d written to instructions.jsonl)", len(ex), len(rows), n_rec)
 
-    # 2. validation users ranked after every epoch
-    from palr.retrieval.train import candidates_for
-
-    valid_cands = candidates_for(retriever, split, "valid", cfg.examples.n_candidates, sharded=True)  # once
-    vs = validation_set(split, valid_cands, cfg.valid_users, profile_of, cfg.seed)
+    # 2. held-out validation users ranked after every epoch
+    vs = validation_set(split, valid_cands, cfg.valid_users, profile_of, cfg.seed, among=held_out)
 
     # 3. train (the Trainer saves checkpoints from the main process and shards the records over processes)
     args = training_arguments(
@@ -181,15 +210,28 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
     from palr.llm.hf import HFLLM
 
     llm = HFLLM.from_objects(model, tok, batch_size=64)
-    vs_all = validation_set(split, valid_cands, cfg.weight_users, profile_of, cfg.seed)
+    vs_all = validation_set(split, valid_cands, cfg.weight_users, profile_of, cfg.seed, among=held_out)
     final = rank_metrics(Ranker(llm, builder), vs_all)  # sharded, the same result on every process
+    features_doc = None
+    if cfg.feature_ranker:  # 6. the feature ranker (fit share, stopped on the held-out share), fused on held-out
+        from palr.feature_ranker import FeatureRankerConfig, fit_feature_ranker
+        from palr.fusion import held_out_table
+
+        fcfg = FeatureRankerConfig(n_candidates=K, holdout=cfg.holdout, text_encoder=cfg.text_encoder, seed=cfg.seed)
+        franker, fmetrics = fit_feature_ranker(split, valid_cands, fcfg, features=feats)  # deterministic
+        table = held_out_table(Ranker(llm, builder), franker, vs_all)
+        features_doc = {"dir": "feature_ranker", "weight": table["weight"]}
+        final["features"] = {**table, "trees": fmetrics}
+        if main:
+            franker.save(out / "feature_ranker")
     distributed.barrier()  # every process is done with the checkpoints
     if main:
         history = [h for h in trainer.state.log_history if "eval_ndcg@10" in h]
         ranking = {"mode": "verbalizer", "style": cfg.style, "weight": final["weight"], "fusion": final["fusion"],
                    "n_candidates": cfg.examples.n_candidates, "history_len": cfg.examples.history_len,
                    "profiles": cfg.profiles, "base_model": cfg.base_model,
-                   "llm_dir": llm_dir.name, "lora": bool(cfg.lora_r and cfg.base_model != "mini")}
+                   "llm_dir": llm_dir.name, "lora": bool(cfg.lora_r and cfg.base_model != "mini"),
+                   "features": features_doc}
         write_json(out / "ranking.json", ranking)
         world = distributed.world_size()
         metrics = {"valid": final, "valid_per_epoch": history, "pretrain_losses": pre_losses,
@@ -202,8 +244,11 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         config = {"finetune": {**asdict(cfg), "examples": asdict(cfg.examples)}, "retriever_run": str(retriever_run),
                   "retriever": rcfg["config"], "ranking": ranking, "data_dir": str(data_dir or "")}
         finish_run(out, "palr", split.dataset, config, metrics)
-        log.info("PALR run %s: valid NDCG@10 fused %.4f (LLM %.4f, retriever %.4f, weight %s)", out,
-                 final["ndcg@10"], final["ndcg@10_llm"], final["ndcg@10_retriever"], final["weight"])
+        log.info("PALR run %s: held-out valid NDCG@10 fused %.4f (LLM %.4f, retriever %.4f, weight %s)%s", out,
+                 final["ndcg@10"], final["ndcg@10_llm"], final["ndcg@10_retriever"], final["weight"],
+                 f"; with the feature ranker {final['features']['ndcg@10']:.4f} (trees alone "
+                 f"{final['features']['ndcg@10_features']:.4f}, weight {final['features']['weight']})"
+                 if features_doc else "")
     distributed.barrier()  # the run is complete when any process returns
     return out
 

@@ -52,6 +52,10 @@ class FinetuneConfig:
     mini_heads: int = 4
     mini_vocab: int = 2048
     init_from_retriever: bool = True
+    item_init: str = "hybrid"  # item tokens start from: "retriever", "text", "hybrid" (half each), "none"
+    holdout: float = 0.2  # share of validation users held out: epoch, fusion and feature-ranker choices
+    feature_ranker: bool = True  # fuse with the gradient-boosted feature ranker (weight chosen on the held-out share)
+    text_encoder: str = "auto"  # item text embeddings (features, hybrid init): auto, minilm, tfidf
     pretrain_epochs: int = 3  # mini only: next-item language modelling on the training sequences first
     profiles: bool = True
     seed: int = 0
@@ -66,8 +70,11 @@ class FinetuneConfig:
 
 
 # ---------------------------------------------------------------------------- model set-up
-def build_base(cfg: FinetuneConfig, split: Split, out: Path, retriever: Any) -> tuple[Any, Any]:
-    """The model to train and its tokenizer: a new mini model, or a pretrained one with LoRA."""
+def build_base(cfg: FinetuneConfig, split: Split, out: Path, retriever: Any,
+               text_emb: np.ndarray | None = None) -> tuple[Any, Any]:
+    """The model to train and its tokenizer: a new mini model, or a pretrained one with LoRA.
+
+    The mini model's item tokens start from ``item_vectors(cfg.item_init, ...)`` (see there)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -80,8 +87,10 @@ def build_base(cfg: FinetuneConfig, split: Split, out: Path, retriever: Any) -> 
                        n_layer=cfg.mini_layers, n_embd=cfg.mini_dim, n_head=cfg.mini_heads, seed=cfg.seed)
         tok = AutoTokenizer.from_pretrained(base_dir)
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        if cfg.init_from_retriever and hasattr(retriever, "item_vectors"):
-            init_item_embeddings(model, item_token_ids(tok, split.n_items), retriever.item_vectors())
+        vectors = initial_item_vectors(cfg.item_init if cfg.init_from_retriever else "none", cfg.mini_dim,
+                                       getattr(retriever, "item_vectors", lambda: None)(), text_emb)
+        if vectors is not None:
+            init_item_embeddings(model, item_token_ids(tok, split.n_items), vectors)
         return model, tok
     from palr.llm.hf import HFLLM
 
@@ -95,6 +104,33 @@ def build_base(cfg: FinetuneConfig, split: Split, out: Path, retriever: Any) -> 
         model = get_peft_model(model, lcfg)
     model.train()
     return model, tok
+
+
+def pca(x: np.ndarray, d: int) -> np.ndarray:
+    """(N, d) principal components of ``x`` (centred), each column scaled to unit variance; sign-fixed."""
+    x = np.asarray(x, np.float64) - np.asarray(x, np.float64).mean(axis=0)
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    d = min(d, len(s))
+    z = u[:, :d] * s[:d]
+    z *= np.sign(vt[:d].sum(axis=1) + 1e-12)[None, :]
+    return (z / (z.std(axis=0, keepdims=True) + 1e-8)).astype(np.float32)
+
+
+def initial_item_vectors(kind: str, dim: int, retriever_vectors: np.ndarray | None,
+                         text_emb: np.ndarray | None) -> np.ndarray | None:
+    """Item-token initialisation (N, dim): the retriever's ID embeddings ("retriever"), the pretrained text
+    encoder's embeddings of the items' titles and tags ("text"), or both ("hybrid": the first half of the
+    dimensions from the retriever, the rest from the text, each reduced by PCA), as LLaRA/CoLLM hand
+    collaborative and textual knowledge to the LLM. Falls back to what exists; None = random."""
+    if kind not in ("retriever", "text", "hybrid", "none"):
+        raise ValueError(f"item_init must be retriever, text, hybrid or none, got {kind!r}")
+    if kind == "none":
+        return None
+    if kind == "hybrid" and retriever_vectors is not None and text_emb is not None:
+        half = dim // 2
+        return np.concatenate([pca(retriever_vectors, half), pca(text_emb, dim - half)], axis=1)
+    source = text_emb if (kind == "text" or retriever_vectors is None) else retriever_vectors
+    return None if source is None else pca(source, dim)
 
 
 def init_item_embeddings(model: Any, token_ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -316,11 +352,11 @@ class ValidationSet:
 
 
 def validation_set(split: Split, candidates: tuple[np.ndarray, np.ndarray], n_users: int, profiler: Any,
-                   seed: int) -> ValidationSet:
-    """A seeded subset of validation users with their (precomputed) retriever candidates and scores."""
+                   seed: int, among: np.ndarray | None = None) -> ValidationSet:
+    """A seeded subset of validation users (of ``among``, default all) with their precomputed candidates."""
     cands, scores = candidates
     rng = np.random.default_rng(seed + 7)
-    users = np.arange(len(split.train))
+    users = np.arange(len(split.train)) if among is None else np.asarray(among)
     if 0 < n_users < len(users):
         users = np.sort(rng.choice(users, n_users, replace=False))
     hist = [split.train[u] for u in users]
