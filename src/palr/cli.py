@@ -357,7 +357,7 @@ def finetune_cmd(run_arg: Path | None = typer.Argument(None, metavar="RUN", help
                  swap_prob: float = typer.Option(0.0, help="Item-swap augmentation probability (paper's idea)."),
                  valid_users: int = typer.Option(1000, help="Validation users ranked after each epoch."),
                  profiles: bool = typer.Option(True, "--profiles/--no-profiles", help="Put the user profile in prompts."),
-                 source: str = typer.Option("both", "--source", help="Training examples: valid (genuine candidates "
+                 source: str = typer.Option("valid", "--source", help="Training examples: valid (genuine candidates "
                                             "of validation users; a held-out share trains nothing), prefixes "
                                             "(training-sequence prefixes), both."),
                  item_init: str = typer.Option("hybrid", "--item-init", help="Mini item tokens start from: hybrid "

@@ -40,12 +40,34 @@ TAG_RECENT = 10
 
 def text_embeddings(catalog: Catalog, encoder: str = "auto", dim: int = 256, seed: int = 0) -> tuple[np.ndarray, str]:
     """(N, d) L2-normalised item text embeddings and the encoder used ("minilm" or "tfidf")."""
-    from palr.retrieval.text import embed_texts, item_texts, text_model_available
+    from palr.retrieval.text import item_texts, text_model_available
 
     texts = item_texts(catalog)
     if encoder == "minilm" or (encoder == "auto" and text_model_available()):
-        return embed_texts(texts), "minilm"
+        return cached_minilm(texts), "minilm"
     return tfidf_embeddings(texts, dim, seed), "tfidf"
+
+
+def cached_minilm(texts: Sequence[str]) -> np.ndarray:
+    """MiniLM embeddings of ``texts``, cached by their sha256 under ``$PALR_CACHE_DIR`` (default
+    ``~/.cache/palr``)/text-embeddings: a catalogue is encoded once per machine, not once per run."""
+    import hashlib
+    import os
+
+    from palr.retrieval.text import embed_texts
+
+    key = hashlib.sha256(("all-MiniLM-L6-v2\n" + "\n".join(texts)).encode()).hexdigest()[:32]
+    path = Path(os.environ.get("PALR_CACHE_DIR") or Path.home() / ".cache" / "palr") / "text-embeddings" / f"{key}.npy"
+    if path.exists():
+        emb = np.load(path)
+        if emb.shape[0] == len(texts):
+            return emb
+    emb = embed_texts(texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, emb)
+    os.replace(tmp, path)
+    return emb
 
 
 def tfidf_embeddings(texts: Sequence[str], dim: int = 256, seed: int = 0) -> np.ndarray:

@@ -10,7 +10,7 @@ users recognise, plus the fields palr's trainer uses (``candidates``, ``target``
 
 Training examples come from two sources (``ExampleConfig.source``):
 
-* ``valid`` (genuine candidates; the default ``both`` adds the prefixes below): the validation users of the *fit share* (the held-out share,
+* ``valid`` (genuine candidates, the default): the validation users of the *fit share* (the held-out share,
   :func:`palr.feature_ranker.split_users`, never trains; it picks the epoch and the fusion), history = the
   training sequence, target = the validation item, candidates = the retriever's own top-K for that
   history -- the retriever was fitted on the training split, so the validation item was not in its
@@ -64,7 +64,7 @@ class ExampleConfig:
     genre_negatives: int = 5  # same-genre/category items among the candidates
     cooc_negatives: int = 5  # items co-occurring with the target in training sequences
     swap_prob: float = 0.0  # item-swap augmentation between history and answer (paper)
-    source: str = "both"  # "valid" (genuine candidates of validation users), "prefixes", or "both"
+    source: str = "valid"  # "valid" (genuine candidates of validation users), "prefixes", or "both"
     seed: int = 0
 
 
