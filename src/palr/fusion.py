@@ -90,7 +90,7 @@ class FusedRanker:
         if w:
             try:
                 lp = self.llm_ranker.verbalizer_logprobs(histories, profiles, candidates)
-            except Exception as e:  # noqa: BLE001 - any LLM failure: the feature ranker's order stands
+            except Exception as e:
                 if not getattr(self.llm_ranker, "allow_fallback", True):
                     raise
                 log.warning("LLM ranking failed (%s: %s); keeping the feature ranker's order", type(e).__name__, e)

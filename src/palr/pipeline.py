@@ -132,7 +132,9 @@ class PALR:
                              allow_fallback=allow_fallback)
         if raw.get("features") and features and not llm and ranker.mode == "verbalizer":
             from palr.feature_ranker import FeatureRanker
-            from palr.fusion import FusedRanker  # the PALR ranker: LLM + feature ranker (``features=False``: LLM)
+            from palr.fusion import (
+                FusedRanker,  # the PALR ranker: LLM + feature ranker (``features=False``: LLM)
+            )
 
             ranker = FusedRanker(ranker, FeatureRanker.load(run / raw["features"]["dir"]), float(raw["features"]["weight"]))
         cache = ProfileCache(profile_cache) if profile_cache else None
