@@ -83,7 +83,7 @@ def test_two_cpu_processes_shard_training_and_evaluate_like_one(tmp_path: Path) 
     # --standalone: a free port on localhost chosen by the rendezvous, so parallel runs never collide
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "dist_worker.py"), str(spy), "--", *ft, "--", *ev, "--", *cand(2)]
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # one complete run, written by the main process only

@@ -88,7 +88,7 @@ def test_served_model_ranks_like_the_local_one_with_a_bounded_pool_and_batches(t
         return r
 
     local = ranker(tiny_llm).rank(hist, [None] * users, cands_arr)
-    app, seen = counting_server(tiny_llm, delay_s=0.2)
+    app, seen = counting_server(tiny_llm, delay_s=0.5)
     with BackgroundServer(app) as url:
         client = load_llm(f"openai:tiny@{url}", concurrency=3, batch_size=4, timeout=30)
         served = ranker(client).rank(hist, [None] * users, cands_arr)
