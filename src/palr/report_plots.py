@@ -53,9 +53,13 @@ def training_curves(retriever: Sequence[dict[str, Any]], finetune: dict[str, Any
         a2 = a.twinx()
         ev = [h for h in retriever if "valid_NDCG@10" in h]
         a2.plot([h["epoch"] for h in ev], [h["valid_NDCG@10"] for h in ev], "-s", ms=3, color=COLORS[1])
-        a2.set_ylabel("valid NDCG@10", color=COLORS[1])
+        # early stopping may track a smoothed curve: the kept epoch is the best of what it tracked
+        key = "valid_NDCG@10_smoothed" if any("valid_NDCG@10_smoothed" in h for h in ev) else "valid_NDCG@10"
+        if key != "valid_NDCG@10":
+            a2.plot([h["epoch"] for h in ev], [h[key] for h in ev], ":", lw=1, color=COLORS[1])
+        a2.set_ylabel("valid NDCG@10" + (" (dotted: smoothed)" if key != "valid_NDCG@10" else ""), color=COLORS[1])
         a2.grid(False)
-        best = max(ev, key=lambda h: h["valid_NDCG@10"]) if ev else None
+        best = max(ev, key=lambda h: h[key]) if ev else None
         if best:
             a2.annotate(f"kept: epoch {best['epoch']}", (best["epoch"], best["valid_NDCG@10"]), fontsize=8,
                         xytext=(0, -14), textcoords="offset points", ha="center")
