@@ -49,6 +49,7 @@ class RecommendedItem(BaseModel):
     explanation: str | None = Field(None, description="With explain=true: why this item.")
     because: list[dict[str, Any]] | None = Field(None, description="The explanation's evidence: history items and "
                                                  "the attributes each shares with this item.")
+    explanation_source: str | None = Field(None, description="template, llm, or why an LLM sentence was rejected.")
 
 
 class RecommendResponse(BaseModel):

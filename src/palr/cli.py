@@ -365,6 +365,8 @@ def finetune_cmd(run_arg: Path | None = typer.Argument(None, metavar="RUN", help
                  features: bool = typer.Option(True, "--features/--no-features", help="Fuse the LLM with the "
                                                "feature ranker (weight chosen on held-out validation users)."),
                  holdout: float = typer.Option(0.2, help="Share of validation users held out for choices."),
+                 profiler: str = typer.Option("attributes", "--profiler", help="Profiles in prompts: attributes, or "
+                                              "llm:SPEC (written once by that LLM, cached in the run)."),
                  mini_layers: int = typer.Option(2, help="Mini model: layers."),
                  mini_dim: int = typer.Option(64, help="Mini model: hidden size."),
                  seed: int = typer.Option(0, help="Random seed."),
@@ -394,7 +396,8 @@ def finetune_cmd(run_arg: Path | None = typer.Argument(None, metavar="RUN", help
     cfg = FinetuneConfig(item_init=item_init, feature_ranker=features, holdout=holdout, text_encoder=text_encoder,
                          base_model=base_model, lora_r=r, lora_alpha=a, epochs=epochs, lr=lr, batch_size=batch_size,
                          tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), valid_users=valid_users,
-                         examples=ex, profiles=profiles, mini_layers=mini_layers, mini_dim=mini_dim, seed=seed)
+                         examples=ex, profiles=profiles, profiler=profiler, mini_layers=mini_layers, mini_dim=mini_dim,
+                         seed=seed)
     path = finetune(input_run(run_arg, run), out, cfg, data_dir=data_dir, progress=distributed.is_main())
     if not distributed.is_main():
         return
@@ -417,6 +420,8 @@ def recommend_cmd(run: Path = typer.Option(..., "--run", help="A PALR run (palr 
                   llm: str | None = LLMOpt, allow_fallback: bool = FallbackOpt,
                   k: int = typer.Option(10, "--k", min=1, help="How many items (1 to the run's candidate count)."),
                   explain: bool = typer.Option(False, "--explain", help="One sentence per item."),
+                  llm_explanations: bool = typer.Option(False, "--llm-explanations", help="With --explain: the "
+                                                        "LLM writes each sentence (checked; template otherwise)."),
                   mode: RankMode | None = typer.Option(None, "--mode", help="Ranking mode (default: the run's)."),
                   as_json: bool = typer.Option(False, "--json", help="Print JSON."),
                   data_dir: Path | None = DataDirOpt) -> None:
@@ -433,7 +438,8 @@ def recommend_cmd(run: Path = typer.Option(..., "--run", help="A PALR run (palr 
     hist = [h.strip() for h in history.split(",") if h.strip()] if history is not None else None
     titles = split_titles(history_titles) if history_titles is not None else None
     palr = PALR.load(run, data_dir, mode=mode.value if mode else None, llm=llm, allow_fallback=allow_fallback)
-    rec = palr.recommend(user=user, history=hist, k=k, explain=explain, history_titles=titles)
+    rec = palr.recommend(user=user, history=hist, k=k, explain=explain, history_titles=titles,
+                         llm_explanations=llm_explanations)
     if as_json:
         print(json.dumps(rec.to_dict(), indent=2))
         return

@@ -9,11 +9,13 @@ catalogue text is quoted and cleaned (:func:`palr.prompts.clean_text`), and a hi
 instruction is never quoted. Items from the popularity fallback (no history) are explained by their popularity.
 
 Each explanation is returned with its evidence (``because``: the history items and the shared attributes), so a
-test can check every claim against the catalogue.
+test can check every claim against the catalogue. With a text LLM, :func:`llm_explanations` asks it for one
+sentence from that evidence and keeps it only when :func:`check_llm_sentence` finds no claim beyond it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +25,7 @@ import numpy as np
 from palr.data.dataset import Catalog
 from palr.prompts import clean_text, looks_like_instruction
 
-__all__ = ["Explanation", "explain_items", "explain_popular", "quote_title"]
+__all__ = ["Explanation", "check_llm_sentence", "explain_items", "explain_popular", "llm_explanations", "quote_title"]
 
 
 @dataclass
@@ -97,3 +99,60 @@ def _sentence(catalog: Catalog, because: list[tuple[int, list[str]]], has_histor
 def explain_popular(count: int, n_users: int) -> Explanation:
     """An item of the popularity fallback (no usable history)."""
     return Explanation(f"Popular: chosen by {count} of {n_users} users in the training data.")
+
+
+def _base_title(title: str) -> str:
+    return re.sub(r"\s*\(\d{4}\)\s*$", "", title or "").strip().lower()
+
+
+def check_llm_sentence(catalog: Catalog, item: int, evidence: list[tuple[int, list[str]]], text: str,
+                       max_words: int = 40) -> str | None:
+    """None if ``text`` may stand as the explanation, else why not: it must name a history item of the evidence,
+    no other catalogue title (the recommended one aside), no attribute that the item does not share with an
+    evidence item, and nothing that reads like an instruction."""
+    low = " " + " ".join(text.lower().split()) + " "
+    if not text.strip() or len(text.split()) > max_words:
+        return "empty or too long"
+    if looks_like_instruction(text):
+        return "reads like an instruction"
+    allowed = {int(item)} | {h for h, _ in evidence}
+    named = {h for h, _ in evidence if _base_title(catalog.titles[h]) and _base_title(catalog.titles[h]) in low}
+    if not named:
+        return "names no history item of the evidence"
+    for j, title in enumerate(catalog.titles):
+        base = _base_title(title)
+        if j not in allowed and len(base) >= 6 and f" {base}" in low and not any(base in _base_title(catalog.titles[a])
+                                                                                   for a in allowed):
+            return f"names another item ({clean_text(title, 8)})"
+    shared = {t.lower() for _, tags in evidence for t in tags}
+    words = set(re.findall(r"[a-z][a-z'-]+", low))
+    for tag in {t for i in range(len(catalog)) for t in catalog.tags(i)}:
+        if tag.lower() in words and tag.lower() not in shared:
+            return f"claims an attribute the items do not share ({clean_text(tag)})"
+    return None
+
+
+def llm_explanations(llm: Any, catalog: Catalog, items: Sequence[int], templates: list[Explanation],
+                     max_new_tokens: int = 48) -> list[tuple[Explanation, str]]:
+    """One LLM-written sentence per item, from the template's evidence, checked by :func:`check_llm_sentence`;
+    the template wherever the check (or the model) fails. Returns (explanation, "llm" | "template: why")."""
+    from palr.prompts import explanation_prompt
+
+    todo = [k for k, e in enumerate(templates) if e.because]
+    out: list[tuple[Explanation, str]] = [(e, "template: no evidence") for e in templates]
+    if not todo:
+        return out
+    prompts = [explanation_prompt(catalog, int(items[k]), templates[k].because) for k in todo]
+    try:
+        texts = llm.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
+    except Exception as e:  # noqa: BLE001 - explanations fall back to the templates, and say so
+        return [(t, f"template: LLM failed ({type(e).__name__})") for t in templates]
+    for k, text in zip(todo, texts):
+        sentence = text.strip().split("\n")[0].split(". ")[0].strip().strip('"')
+        sentence = sentence if sentence.endswith(".") else sentence + "."
+        why = check_llm_sentence(catalog, int(items[k]), templates[k].because, sentence)
+        if why is None:
+            out[k] = (Explanation(clean_text(sentence), templates[k].because), "llm")
+        else:
+            out[k] = (templates[k], f"template: LLM sentence rejected ({why})")
+    return out

@@ -137,6 +137,8 @@ class PALR:
             )
 
             ranker = FusedRanker(ranker, FeatureRanker.load(run / raw["features"]["dir"]), float(raw["features"]["weight"]))
+        if profile_cache is None and kind == "palr" and (run / "profiles.sqlite").is_file():
+            profile_cache = run / "profiles.sqlite"  # the very profiles fine-tuning read
         cache = ProfileCache(profile_cache) if profile_cache else None
         prof = make_profiler(spec=rc.profiler, ranking_llm=model, allow_fallback=allow_fallback)
         profiles = HistoryProfiles(split.dataset.name, split.dataset.catalog, prof, cache, enabled=rc.profiles)
@@ -227,7 +229,8 @@ class PALR:
 
     # -------------------------------------------------------------------- recommend
     def recommend(self, user: str | None = None, history: Sequence[str] | None = None, k: int = 10,
-                  explain: bool = False, history_titles: Sequence[str] | None = None) -> Recommendation:
+                  explain: bool = False, history_titles: Sequence[str] | None = None,
+                  llm_explanations: bool = False) -> Recommendation:
         """Top-k items for a known user (their whole history), a given history of item ids, or of titles.
 
         ``k`` runs from 1 to :attr:`max_k`; a history that leaves fewer than ``k`` unseen items gives fewer, with a
@@ -269,9 +272,18 @@ class PALR:
         items = [self._item(int(i), float(s), retr_rank[int(i)]) for i, s in zip(res.order[0][:k], res.scores[0][:k])]
         if explain:
             idx = [self.catalog.index_of(x["item"]) for x in items]
-            for it, e in zip(items, explain_items(self.catalog, hist, idx, getattr(self.retriever, "item_vectors", None))):
+            expl = explain_items(self.catalog, hist, idx, getattr(self.retriever, "item_vectors", None))
+            sources = ["template"] * len(expl)
+            if llm_explanations:
+                if self.ranker.builder.style != "text":
+                    notes.append("LLM explanations need a text LLM (this run's model reads item tokens): templates")
+                else:
+                    from palr.explain import llm_explanations as written
+
+                    expl, sources = (list(x) for x in zip(*written(self.ranker.llm, self.catalog, idx, expl)))
+            for it, e, src in zip(items, expl, sources):
                 d = e.to_dict(self.catalog)
-                it.update(explanation=d["text"], because=d["because"])
+                it.update(explanation=d["text"], because=d["because"], explanation_source=src)
         return Recommendation(user, profile or "", items, notes, {**self.llm_counts(), "ranked_by": ranked_by},
                               match_docs)
 
@@ -467,14 +479,15 @@ def evaluate_palr_run(run: str | Path, out: str | Path | None = None, prediction
                       per_user: str | Path | None = None, *, llm: str | None = None,
                       allow_fallback: bool = True, n_users: int = 0, seed: int = 0, n_candidates: int | None = None,
                       valid_users: int | None = None, profiler: str | None = None,
-                      latency_users: int = 100) -> dict[str, Any] | None:
+                      latency_users: int = 100, weight: float | None = None,
+                      fusion: str | None = None) -> dict[str, Any] | None:
     """`palr evaluate --run RUN [--llm SPEC]`: the test split, retriever and PALR measured in one run; PALR (and
     the LLM alone) compared with its retriever on the same users (paired-bootstrap 95% CIs of the difference and
     ratio, p-value).
 
     A retriever run with ``llm`` is ranked zero-shot; its fusion weight is chosen on ``valid_users`` seeded
     validation users (default: as many as test users), never on test. ``n_users``: a seeded subset of test users
-    (0 = all).
+    (0 = all). ``weight``/``fusion``: a fusion chosen elsewhere (on validation users), instead of choosing it here.
 
     Under a launcher with several processes the users are sharded (:func:`evaluate_palr`); the main process writes
     the files and returns the document, the others return None."""
@@ -483,13 +496,15 @@ def evaluate_palr_run(run: str | Path, out: str | Path | None = None, prediction
 
     distributed.init()  # before the model loads: each process takes its own GPU
     palr = PALR.load(run, data_dir, mode=mode, llm=llm, allow_fallback=allow_fallback, n_candidates=n_candidates,
-                     profiler=profiler)
+                     profiler=profiler, weight=weight)
+    if fusion is not None:
+        palr.ranker.fusion = palr.ranking["fusion"] = fusion
     split = palr.split
     users = None
     if n_users and n_users < split.dataset.n_users:
         users = np.sort(np.random.default_rng(seed).choice(split.dataset.n_users, size=n_users, replace=False))
     selection = None
-    if palr.ranking.get("zero_shot"):
+    if palr.ranking.get("zero_shot") and weight is None:
         nv = valid_users if valid_users is not None else (n_users or split.dataset.n_users)
         if nv > 0:
             selection = choose_zero_shot_weight(palr, nv, seed, progress)

@@ -33,6 +33,7 @@ __all__ = [
     "PromptBuilder",
     "answer_text",
     "clean_text",
+    "explanation_prompt",
     "history_head",
     "item_token",
     "label_token",
@@ -284,3 +285,14 @@ class PromptBuilder:
         if self.style == "tokens":
             return self.items(targets)
         return answer_text(self.catalog, targets, self.max_title_tokens)
+
+
+def explanation_prompt(catalog: Catalog, item: int, evidence: Sequence[tuple[int, Sequence[str]]]) -> str:
+    """Ask for one sentence on why ``item`` follows the history items in ``evidence`` ([(item, shared tags)])."""
+    w = nouns(catalog)
+    facts = "; ".join(f"{render_item(catalog, h)} shares {', '.join(clean_text(t) for t in tags) or 'viewers'} with it"
+                      for h, tags in evidence)
+    return (f"Explain in one short sentence why a user who {w.verb} the {w.plural} below may like "
+            f"{render_item(catalog, item)}. Mention only these {w.plural} and what they share.\n"
+            f"Input: {facts}.\n"
+            "Sentence:")

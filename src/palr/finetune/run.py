@@ -43,12 +43,22 @@ log = logging.getLogger(__name__)
 
 def attribute_profiler(catalog: Any, enabled: bool = True) -> Any:
     """history -> profile text (the deterministic attribute profile; None when disabled)."""
-    if not enabled:
-        return lambda history: None
-    from palr.profiles import AttributeProfiler
+    from palr.profiles import AttributeProfiler, HistoryProfiles
 
-    prof = AttributeProfiler()
-    return lambda history: prof.profile("-", history, catalog).profile
+    return HistoryProfiles("-", catalog, AttributeProfiler(), enabled=enabled)
+
+
+def run_profiles(dataset: Any, cfg: FinetuneConfig, out: Path | None) -> Any:
+    """The profiles fine-tuning reads, from ``cfg.profiler`` (``attributes`` or ``llm:SPEC``), cached in the run
+    (``profiles.sqlite``) so that ranking with the run reads the very same ones."""
+    from palr.profiles import HistoryProfiles, ProfileCache, make_profiler
+
+    if cfg.profiler == "llm":
+        raise PalrError("fine-tuning cannot profile with the model it trains: give --profiler llm:SPEC "
+                        "(another LLM) or attributes")
+    cache = ProfileCache(out / "profiles.sqlite") if out is not None and cfg.profiler != "attributes" else None
+    return HistoryProfiles(dataset.name, dataset.catalog, make_profiler(spec=cfg.profiler, allow_fallback=False),
+                           cache, enabled=cfg.profiles)
 
 
 def _trainer_class() -> Any:
@@ -121,7 +131,7 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
     # the PALR run carries its retriever so that it is self-contained
     if main and not (out / "retriever" / "retriever.json").exists():
         shutil.copytree(Path(retriever_run) / "model", out / "retriever", dirs_exist_ok=True)
-    profile_of = attribute_profiler(split.dataset.catalog, cfg.profiles)
+    profile_of = run_profiles(split.dataset, cfg, out if main else None)
 
     # 1. instruction data: genuine candidates of the fit share of validation users and/or training prefixes;
     #    the held-out share trains nothing (it picks the epoch and the fusion weights)
@@ -144,8 +154,8 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         ex += shuffle_candidates(genuine_contexts(split, fit_users, ranked, K), cfg.seed)
     ex = augment_swap(ex, cfg.examples.swap_prob, np.random.default_rng(cfg.seed + 3))
     check_no_leak(ex, split, held_out)
-    for e in ex:
-        e.profile = profile_of(e.history)
+    for e, text in zip(ex, profile_of.texts([e.history for e in ex])):
+        e.profile = text
     feats = None
     if cfg.feature_ranker or cfg.item_init in ("text", "hybrid"):
         from palr.features import CandidateFeatures
@@ -229,7 +239,7 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         history = [h for h in trainer.state.log_history if "eval_ndcg@10" in h]
         ranking = {"mode": "verbalizer", "style": cfg.style, "weight": final["weight"], "fusion": final["fusion"],
                    "n_candidates": cfg.examples.n_candidates, "history_len": cfg.examples.history_len,
-                   "profiles": cfg.profiles, "base_model": cfg.base_model,
+                   "profiles": cfg.profiles, "profiler": cfg.profiler, "base_model": cfg.base_model,
                    "llm_dir": llm_dir.name, "lora": bool(cfg.lora_r and cfg.base_model != "mini"),
                    "features": features_doc}
         write_json(out / "ranking.json", ranking)

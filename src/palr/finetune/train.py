@@ -58,6 +58,7 @@ class FinetuneConfig:
     text_encoder: str = "auto"  # item text embeddings (features, hybrid init): auto, minilm, tfidf
     pretrain_epochs: int = 3  # mini only: next-item language modelling on the training sequences first
     profiles: bool = True
+    profiler: str = "attributes"  # or "llm:SPEC": the profiles in prompts (ranking reads the same, see RankingConfig)
     seed: int = 0
 
     def resolved(self) -> FinetuneConfig:

@@ -293,6 +293,8 @@ class HFLLM:
                 gen_kw["temperature"] = temperature
             else:
                 gen_kw.update(temperature=None, top_p=None, top_k=None)
+            if stop and allowed is None:  # stop decoding at a stop string (the text is cut there below too)
+                gen_kw.update(stop_strings=list(stop), tokenizer=tok)
             if want_scores:
                 gen_kw.update(output_logits=True, return_dict_in_generate=True)
             gen_kw.update(kw)

@@ -76,7 +76,7 @@ class OpenAILLM:
     """
 
     def __init__(self, model: str, base_url: str, *, api_key: str | None = None, api: str = "completions",
-                 timeout: float = 60.0, max_retries: int = 3, backoff: float = 0.5, concurrency: int = 4,
+                 timeout: float = 180.0, max_retries: int = 3, backoff: float = 0.5, concurrency: int = 4,
                  top_logprobs: int = 20, batch_size: int = 16) -> None:
         if api not in ("completions", "chat"):
             raise PalrError(f"api must be 'completions' or 'chat', not {api!r}")
