@@ -103,13 +103,23 @@ class SASRecNet(nn.Module):
     def item_weights(self) -> torch.Tensor:
         return self.items.weight[1:]  # (N, d)
 
-    def last_hidden(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
-        """(B, d): output at each history's last item (the last ``max_len`` items are used)."""
-        seqs, lengths = pad_right([np.asarray(h)[-self.max_len:] for h in histories])
+    def last_hidden(self, histories: Sequence[np.ndarray], group: int = 128) -> torch.Tensor:
+        """(B, d): output at each history's last item (the last ``max_len`` items are used).
+
+        Histories are run in groups of ``group`` of similar length (sorted), so short ones are not padded to
+        the longest of the batch; the rows come back in the given order.
+        """
+        clipped = [np.asarray(h)[-self.max_len:] for h in histories]
         dev = self.items.weight.device
-        seqs, lengths = seqs.to(dev), lengths.to(dev)
-        h = self.forward(seqs, lengths)
-        return h[torch.arange(len(lengths), device=dev), lengths - 1]
+        order = np.argsort([len(h) for h in clipped], kind="stable")
+        out = torch.empty((len(clipped), self.items.embedding_dim), device=dev)
+        for start in range(0, len(order), group):
+            idx = order[start:start + group]
+            seqs, lengths = pad_right([clipped[i] for i in idx])
+            seqs, lengths = seqs.to(dev), lengths.to(dev)
+            h = self.forward(seqs, lengths)
+            out[torch.from_numpy(idx).to(dev)] = h[torch.arange(len(idx), device=dev), lengths - 1]
+        return out
 
     def score_last(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
         return self.last_hidden(histories) @ self.item_weights().T  # (B, N)
