@@ -139,7 +139,7 @@ def write_ml100k(root: Path, data_lines: list[str]) -> Path:
 def test_read_ml100k(tmp_path: Path) -> None:
     root = write_ml100k(tmp_path / "ml-100k", ["1\t2\t5\t300", "2\t1\t3\t200", "1\t1\t4\t300"])
     raw = read_ml100k(root)
-    assert raw.users == ["1", "2", "1"] and raw.items == ["2", "1", "1"] and raw.times == [300.0, 200.0, 300.0]
+    assert raw.users == ["1", "2", "1"] and raw.items == ["2", "1", "1"] and raw.times.tolist() == [300.0, 200.0, 300.0]
     assert raw.titles["1"] == "Misérables, Les (1995)"
     assert raw.attributes["1"] == {"genres": ["Action", "Comedy"], "year": 1995}
     assert raw.attributes["2"]["genres"] == ["Comedy"]
@@ -175,7 +175,7 @@ def test_read_ml1m(tmp_path: Path) -> None:
                                       "661::Café au lait (1993)::Comedy|Drama\n".encode("latin-1"))
     (root / "users.dat").write_text("1::F::1::10::48067\n")
     raw = read_ml1m(root)
-    assert raw.items == ["1193", "661"] and raw.times == [978300760.0, 978302109.0]
+    assert raw.items == ["1193", "661"] and raw.times.tolist() == [978300760.0, 978302109.0]
     assert raw.titles["661"] == "Café au lait (1993)"
     assert raw.attributes["661"] == {"genres": ["Comedy", "Drama"], "year": 1993}
     assert raw.user_attributes["1"]["gender"] == "F"
@@ -276,7 +276,7 @@ def test_read_amazon_ucsd(tmp_path: Path) -> None:
         "{'asin': 'B9', 'title': 'not reviewed'}",
     ])
     raw = read_amazon(root, "amazon-beauty")
-    assert raw.users == ["R1", "R1", "R2"] and raw.times == [200.0, 100.0, 100.0]
+    assert raw.users == ["R1", "R1", "R2"] and raw.times.tolist() == [200.0, 100.0, 100.0]
     assert raw.titles == {"B1": "Tom & Jerry Soap", "B2": "L'Oreal Lotion"}
     assert raw.attributes["B1"] == {"categories": ["Bath & Body"]}
     assert raw.attributes["B2"] == {"categories": ["Beauty"]}
@@ -317,7 +317,7 @@ def test_csv_user_file_with_items_file(tmp_path: Path) -> None:
     items = tmp_path / "items.csv"
     items.write_text('iid,title,genres,brand\ni1,"Soap, large",Bath|Body,Acme\ni2,Lotion,,\n')
     raw = read_raw(f"csv:{inter}", tmp_path, user_col="uid", item_col="iid", time_col="ts", items_file=items)
-    assert raw.users == ["u1", "u1", "u2"] and raw.times == [5.0, 5.0, 1.0]
+    assert raw.users == ["u1", "u1", "u2"] and raw.times.tolist() == [5.0, 5.0, 1.0]
     assert raw.titles == {"i1": "Soap, large", "i2": "Lotion"}
     assert raw.attributes["i1"] == {"genres": ["Bath", "Body"], "brand": "Acme"}
     assert raw.attributes["i2"] == {}
@@ -342,7 +342,7 @@ def test_parquet_user_file(tmp_path: Path) -> None:
     path = tmp_path / "inter.parquet"
     pd.DataFrame({"user": [3, 3, 1], "item": [20, 10, 10], "timestamp": [2.0, 1.0, 1.0]}).to_parquet(path)
     raw = read_user_file(path, "user", "item", "timestamp")
-    assert raw.users == ["3", "3", "1"] and raw.items == ["20", "10", "10"] and raw.times == [2.0, 1.0, 1.0]
+    assert raw.users == ["3", "3", "1"] and raw.items == ["20", "10", "10"] and raw.times.tolist() == [2.0, 1.0, 1.0]
     ds = preprocess(raw, "p", min_count=1)
     assert seq_ids(ds, "3") == ["10", "20"]
     pd.DataFrame({"user": [3, None], "item": [20, 10], "timestamp": [2.0, 1.0]}).to_parquet(path)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from palr.data.columns import Ids
 from palr.data.dataset import Catalog, Dataset, id_sort_key
 from palr.data.sources import RawData
 from palr.errors import PalrError
@@ -31,51 +32,70 @@ def protocol(min_count: int, ordered: bool) -> dict[str, Any]:
     }
 
 
+def _dense_codes(x: np.ndarray) -> np.ndarray:
+    """Non-negative integer codes (x itself when it already is a compact code array)."""
+    x = np.asarray(x)
+    if x.dtype.kind in "iu" and len(x) and x.min() >= 0 and x.max() < 4 * len(x) + 1024:
+        return x
+    return pd.factorize(x, sort=False)[0]
+
+
 def k_core(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of the interactions that survive iterative k-core filtering."""
-    keep = np.ones(len(users), dtype=bool)
+    """Boolean mask of the interactions that survive iterative k-core filtering (counts by bincount)."""
+    u, i = _dense_codes(users), _dense_codes(items)
+    keep = np.ones(len(u), dtype=bool)
     while True:
-        u, ucnt = np.unique(users[keep], return_counts=True)
-        i, icnt = np.unique(items[keep], return_counts=True)
-        bad_u = u[ucnt < k]
-        bad_i = i[icnt < k]
-        if len(bad_u) == 0 and len(bad_i) == 0:
+        ucnt = np.bincount(u[keep], minlength=int(u.max(initial=0)) + 1)
+        icnt = np.bincount(i[keep], minlength=int(i.max(initial=0)) + 1)
+        bad = keep & ((ucnt[u] < k) | (icnt[i] < k))
+        if not bad.any():
             return keep
-        keep &= ~np.isin(users, bad_u) & ~np.isin(items, bad_i)
+        keep &= ~bad
+
+
+def _sorted_ids(codes: np.ndarray, vocab: list[str]) -> tuple[list[str], np.ndarray]:
+    """(original ids of the codes in use, sorted by id_sort_key; code -> dense index, -1 for unused codes)."""
+    used = np.flatnonzero(np.bincount(codes, minlength=len(vocab)))
+    ids = sorted((vocab[c] for c in used.tolist()), key=id_sort_key)
+    pos = {v: j for j, v in enumerate(ids)}
+    dense = np.full(len(vocab), -1, dtype=np.int64)
+    dense[used] = [pos[vocab[c]] for c in used.tolist()]
+    return ids, dense
 
 
 def preprocess(raw: RawData, name: str, min_count: int = 5) -> Dataset:
-    """Turn raw interactions into a :class:`Dataset` under the canonical protocol."""
-    if not raw.users:
+    """Turn raw interactions into a :class:`Dataset` under the canonical protocol (vectorised: integer
+    codes throughout, no Python loop per interaction)."""
+    users, items = Ids.of(raw.users), Ids.of(raw.items)
+    if len(users) == 0:
         raise PalrError(f"data set {name!r} has no interactions")
-    df = pd.DataFrame({"user": raw.users, "item": raw.items})
-    df["order"] = np.arange(len(df))
     if raw.times is not None:
-        df["time"] = np.asarray(raw.times, dtype=np.float64)
-        df = df.sort_values(["time", "order"], kind="stable")  # chronological, ties in file order
-    df = df.drop_duplicates(["user", "item"], keep="first")
-    ucodes, _ = pd.factorize(df["user"].to_numpy(), sort=False)
-    icodes, _ = pd.factorize(df["item"].to_numpy(), sort=False)
-    keep = k_core(ucodes, icodes, min_count) if min_count > 1 else np.ones(len(df), bool)
-    df = df[keep]
-    if df.empty:
+        order = np.argsort(np.asarray(raw.times, dtype=np.float64), kind="stable")  # chronological, ties in file order
+        u, i = users.codes[order].astype(np.int64), items.codes[order].astype(np.int64)
+        del order
+    else:
+        u, i = users.codes.astype(np.int64), items.codes.astype(np.int64)
+    first = ~pd.Series(u * len(items.vocab) + i).duplicated(keep="first").to_numpy()  # earliest (user, item)
+    u, i = u[first], i[first]
+    if min_count > 1:
+        keep = k_core(u, i, min_count)
+        u, i = u[keep], i[keep]
+    if len(u) == 0:
         raise PalrError(f"data set {name!r}: nothing survives {min_count}-core filtering "
                         f"(every user and item needs at least {min_count} interactions)")
-    user_ids = sorted(df["user"].unique().tolist(), key=id_sort_key)
-    item_ids = sorted(df["item"].unique().tolist(), key=id_sort_key)
-    umap = {u: i for i, u in enumerate(user_ids)}
-    imap = {it: i for i, it in enumerate(item_ids)}
-    df = df.assign(u=df["user"].map(umap).to_numpy(), i=df["item"].map(imap).to_numpy())
+    user_ids, dense_u = _sorted_ids(u, users.vocab)
+    item_ids, dense_i = _sorted_ids(i, items.vocab)
+    u, i = dense_u[u], dense_i[i]
     # group per user keeping the chronological order already established
-    df = df.sort_values("u", kind="stable")
-    bounds = np.flatnonzero(np.diff(df["u"].to_numpy())) + 1
-    seqs = [s.astype(np.int64) for s in np.split(df["i"].to_numpy(), bounds)]
+    by_user = np.argsort(u, kind="stable")
+    bounds = np.cumsum(np.bincount(u, minlength=len(user_ids)))[:-1]
+    seqs = np.split(i[by_user], bounds)
     catalog = Catalog(
         item_ids=item_ids,
         titles=[raw.titles.get(it) or it for it in item_ids],
         attributes=[raw.attributes.get(it, {}) for it in item_ids],
         kind=raw.kind,
     )
-    user_attrs = [raw.user_attributes.get(u, {}) for u in user_ids] if raw.user_attributes else None
+    user_attrs = [raw.user_attributes.get(x, {}) for x in user_ids] if raw.user_attributes else None
     proto = protocol(min_count, raw.times is None)
     return Dataset(name, user_ids, seqs, catalog, proto, user_attrs)

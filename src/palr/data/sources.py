@@ -19,6 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from palr.data.columns import (
+    Check,
+    Ids,
+    decode_check,
+    first_error,
+    float_check,
+    id_check,
+    ids_from_arrow,
+    nth_field,
+    read_bytes,
+    read_csv_columns,
+    read_lines,
+    split_fields,
+    time_check,
+)
 from palr.errors import DataError, MissingDataError
 
 _YEAR = re.compile(r"\((\d{4})\)\s*$")
@@ -28,17 +45,26 @@ _YEAR = re.compile(r"\((\d{4})\)\s*$")
 class RawData:
     """Interactions in file order, plus item texts/attributes keyed by original item id.
 
-    ``times`` is None when the file is already chronological per user (Amazon sequence form).
+    ``users`` and ``items`` are :class:`~palr.data.columns.Ids` (integer codes + distinct ids; a list of
+    strings is converted); ``times`` is a float64 array, or None when the file is already chronological per
+    user (Amazon sequence form).
     """
 
-    users: list[str]
-    items: list[str]
-    times: list[float] | None
+    users: Ids
+    items: Ids
+    times: np.ndarray | None
     titles: dict[str, str]
     attributes: dict[str, dict[str, Any]]
     kind: str
     source_files: list[str] = field(default_factory=list)
     user_attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.users, self.items = Ids.of(self.users), Ids.of(self.items)
+        if self.times is not None:
+            self.times = np.asarray(self.times, dtype=np.float64)
+        if not len(self.users) == len(self.items) == (len(self.users) if self.times is None else len(self.times)):
+            raise ValueError("users, items and times must have one value per interaction")
 
 
 def _require(path: Path, dataset: str) -> Path:
@@ -51,13 +77,20 @@ def _require(path: Path, dataset: str) -> Path:
     return path
 
 
+_BOMS = ("\ufeff", "\u00ef\u00bb\u00bf")  # a UTF-8 byte order mark, read as UTF-8 or as latin-1
+
+
 def _lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
+    """Non-empty lines with their 1-based numbers; a leading byte order mark is dropped."""
     opener = gzip.open if path.suffix == ".gz" else open
     no = 0
     try:
         with opener(path, "rt", encoding=encoding, newline="") as fh:  # type: ignore[operator]
             for no, line in enumerate(fh, start=1):
                 line = line.rstrip("\r\n")
+                if no == 1:
+                    for bom in _BOMS:
+                        line = line.removeprefix(bom)
                 if line.strip():
                     yield no, line
     except UnicodeDecodeError as e:  # the decoder reads ahead, so only "after line N" is known
@@ -66,21 +99,43 @@ def _lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
         raise DataError(path, None, f"not a complete gzip file after line {no} ({e})") from None
 
 
-def _int_field(path: Path, no: int, value: str, what: str) -> str:
+_INTEGRAL = re.compile(r"^[+-]?\d+\.0*$")  # "12.0": an integer written as a float (pandas, spreadsheets)
+
+
+def int_id(value: str) -> str:
+    """An integer id (MovieLens) in canonical form: '0242' and '242.0' are item '242'. ValueError (its
+    message says '{what}' for the field's name) if it is empty or not an integer."""
     value = value.strip()
     if not value:
-        raise DataError(path, no, f"empty {what}")
-    return value
-
-
-def _float_field(path: Path, no: int, value: str, what: str) -> float:
+        raise ValueError("empty {what}")
+    if _INTEGRAL.match(value):
+        value = value.split(".")[0]
     try:
-        out = float(value)
+        return str(int(value))
     except ValueError:
-        raise DataError(path, no, f"{what} is not a number: {value!r}") from None
-    if not math.isfinite(out):  # a NaN timestamp would make the time order undefined
-        raise DataError(path, no, f"{what} is not a finite number: {value!r}")
-    return out
+        raise ValueError("{what} is not an integer: " + repr(value)) from None
+
+
+def free_id(value: str) -> str:
+    """A free-form id (a user's own files): stripped; an integral float ('12.0') is the integer ('12')."""
+    value = value.strip()
+    if not value:
+        raise ValueError("empty {what}")
+    return value.split(".")[0] if _INTEGRAL.match(value) else value
+
+
+def _int_field(path: Path, no: int, value: str, what: str) -> str:
+    try:
+        return int_id(value)
+    except ValueError as e:
+        raise DataError(path, no, str(e).replace("{what}", what)) from None
+
+
+def _id_field(path: Path, no: int, value: str, what: str) -> str:
+    try:
+        return free_id(value)
+    except ValueError as e:
+        raise DataError(path, no, str(e).replace("{what}", what)) from None
 
 
 def _age_field(path: Path, no: int, value: str) -> int:
@@ -96,18 +151,31 @@ def movie_attributes(title: str, genres: list[str]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- MovieLens
+def _rating_rows(path: Path, encoding: str, sep: str, shape: str) -> tuple[Ids, Ids, np.ndarray]:
+    """(users, items, times) of a 'user SEP item SEP rating SEP timestamp' file (MovieLens), vectorised: the
+    first bad line, in file order, raises with its number as a line-by-line reader would."""
+    lines, numbers = read_lines(path, encoding)
+    fields, counts = split_fields(lines, sep)
+    wrong = np.flatnonzero(counts != 4)
+    limit = int(wrong[0]) if len(wrong) else len(counts)
+    ok = fields.slice(0, limit)
+    users, cu = id_check(nth_field(ok, 0), int_id, "user id")
+    items, ci = id_check(nth_field(ok, 1), int_id, "item id" if sep == "\t" else "movie id")
+    _, cr = float_check(nth_field(ok, 2), "rating")
+    times, ct = float_check(nth_field(ok, 3), "timestamp")
+    err = first_error(path, lambda r: int(numbers[r]), [cu, ci, cr, ct])
+    if err is not None:
+        raise err
+    if limit < len(counts):
+        raise DataError(path, int(numbers[limit]), f"expected {shape}, got {int(counts[limit])}" +
+                        ("" if sep == "\t" else " fields"))
+    return users, items, times
+
+
 def read_ml100k(root: Path) -> RawData:
     data = _require(root / "u.data", "ml-100k")
     item_file = _require(root / "u.item", "ml-100k")
-    users, items, times = [], [], []
-    for no, line in _lines(data, "latin-1"):
-        parts = line.split("\t")
-        if len(parts) != 4:
-            raise DataError(data, no, f"expected 4 tab-separated fields (user, item, rating, timestamp), got {len(parts)}")
-        users.append(_int_field(data, no, parts[0], "user id"))
-        items.append(_int_field(data, no, parts[1], "item id"))
-        _float_field(data, no, parts[2], "rating")
-        times.append(_float_field(data, no, parts[3], "timestamp"))
+    users, items, times = _rating_rows(data, "latin-1", "\t", "4 tab-separated fields (user, item, rating, timestamp)")
     genre_names = []
     genre_file = root / "u.genre"
     if genre_file.exists():
@@ -131,30 +199,23 @@ def read_ml100k(root: Path) -> RawData:
             parts = line.split("|")
             if len(parts) != 5:
                 raise DataError(user_file, no, f"expected 5 '|'-separated fields, got {len(parts)}")
-            user_attrs[parts[0]] = {"age": _age_field(user_file, no, parts[1]), "gender": parts[2],
-                                     "occupation": parts[3]}
+            user_attrs[_int_field(user_file, no, parts[0], "user id")] = {
+                "age": _age_field(user_file, no, parts[1]), "gender": parts[2], "occupation": parts[3]}
     return RawData(users, items, times, titles, attrs, "movies", [str(data), str(item_file)], user_attrs)
 
 
 def read_ml1m(root: Path) -> RawData:
     ratings = _require(root / "ratings.dat", "ml-1m")
     movies = _require(root / "movies.dat", "ml-1m")
-    users, items, times = [], [], []
-    for no, line in _lines(ratings, "latin-1"):
-        parts = line.split("::")
-        if len(parts) != 4:
-            raise DataError(ratings, no, f"expected 'UserID::MovieID::Rating::Timestamp', got {len(parts)} fields")
-        users.append(_int_field(ratings, no, parts[0], "user id"))
-        items.append(_int_field(ratings, no, parts[1], "movie id"))
-        _float_field(ratings, no, parts[2], "rating")
-        times.append(_float_field(ratings, no, parts[3], "timestamp"))
+    users, items, times = _rating_rows(ratings, "latin-1", "::", "'UserID::MovieID::Rating::Timestamp'")
     titles, attrs = {}, {}
     for no, line in _lines(movies, "latin-1"):
         parts = line.split("::")
         if len(parts) != 3:
             raise DataError(movies, no, f"expected 'MovieID::Title::Genres', got {len(parts)} fields")
-        titles[parts[0]] = parts[1].strip()
-        attrs[parts[0]] = movie_attributes(parts[1], parts[2].split("|"))
+        mid = _int_field(movies, no, parts[0], "movie id")
+        titles[mid] = parts[1].strip()
+        attrs[mid] = movie_attributes(parts[1], parts[2].split("|"))
     user_attrs = {}
     users_file = root / "users.dat"
     if users_file.exists():
@@ -162,8 +223,8 @@ def read_ml1m(root: Path) -> RawData:
             parts = line.split("::")
             if len(parts) != 5:
                 raise DataError(users_file, no, f"expected 5 '::'-separated fields, got {len(parts)}")
-            user_attrs[parts[0]] = {"gender": parts[1], "age": _age_field(users_file, no, parts[2]),
-                                     "occupation": parts[3]}
+            user_attrs[_int_field(users_file, no, parts[0], "user id")] = {
+                "gender": parts[1], "age": _age_field(users_file, no, parts[2]), "occupation": parts[3]}
     return RawData(users, items, times, titles, attrs, "movies", [str(ratings), str(movies)], user_attrs)
 
 
@@ -191,16 +252,17 @@ def _csv_rows(path: Path, required: list[str], encoding: str = "utf-8-sig") -> I
 def read_ml_latest(root: Path, name: str = "ml-latest-small") -> RawData:
     ratings = _require(root / "ratings.csv", name)
     movies = _require(root / "movies.csv", name)
-    users, items, times = [], [], []
-    for no, row in _csv_rows(ratings, ["userId", "movieId", "rating", "timestamp"]):
-        users.append(_int_field(ratings, no, row["userId"], "userId"))
-        items.append(_int_field(ratings, no, row["movieId"], "movieId"))
-        _float_field(ratings, no, row["rating"], "rating")
-        times.append(_float_field(ratings, no, row["timestamp"], "timestamp"))
+    table = read_csv_columns(ratings, ["userId", "movieId", "rating", "timestamp"])
+    users, cu = id_check(table.columns["userId"], int_id, "userId")
+    items, ci = id_check(table.columns["movieId"], int_id, "movieId")
+    _, cr = float_check(table.columns["rating"], "rating")
+    times, ct = float_check(table.columns["timestamp"], "timestamp")
+    table.raise_first([cu, ci, cr, ct])
     titles, attrs = {}, {}
     for no, row in _csv_rows(movies, ["movieId", "title", "genres"]):
-        titles[row["movieId"]] = row["title"].strip()
-        attrs[row["movieId"]] = movie_attributes(row["title"], row["genres"].split("|"))
+        mid = _int_field(movies, no, row["movieId"], "movieId")
+        titles[mid] = row["title"].strip()
+        attrs[mid] = movie_attributes(row["title"], row["genres"].split("|"))
     return RawData(users, items, times, titles, attrs, "movies", [str(ratings), str(movies)])
 
 
@@ -217,16 +279,26 @@ def _flatten_categories(paths: Any, path: Path, no: int) -> list[str]:
     return out
 
 
+def _sequence_rows(seq: Path) -> tuple[Ids, Ids]:
+    """(users, items) of 'user_id item_1 item_2 ...' lines, one interaction per item (vectorised)."""
+    import pyarrow.compute as pc
+
+    lines, numbers = read_lines(seq, "utf-8")
+    fields = pc.utf8_split_whitespace(lines)
+    counts = pc.list_value_length(fields).to_numpy(zero_copy_only=False)
+    short = np.flatnonzero(counts < 2)
+    if len(short):
+        raise DataError(seq, int(numbers[short[0]]), "expected 'user_id item_1 item_2 ...' with at least one item")
+    rest = pc.list_slice(fields, 1)
+    owners = ids_from_arrow(nth_field(fields, 0))
+    owner_row = pc.list_parent_indices(rest).to_numpy(zero_copy_only=False)
+    return Ids(owners.codes[owner_row], owners.vocab), ids_from_arrow(pc.list_flatten(rest))
+
+
 def read_amazon_sequences(root: Path, name: str) -> RawData:
     """The P5/OpenP5 sequence form: user_sequence.txt (+ item_titles.tsv, item_categories.tsv)."""
     seq = _require(root / "user_sequence.txt", name)
-    users, items = [], []
-    for no, line in _lines(seq, "utf-8"):
-        parts = line.split()
-        if len(parts) < 2:
-            raise DataError(seq, no, "expected 'user_id item_1 item_2 ...' with at least one item")
-        users.extend([parts[0]] * (len(parts) - 1))
-        items.extend(parts[1:])
+    users, items = _sequence_rows(seq)
     titles: dict[str, str] = {}
     attrs: dict[str, dict[str, Any]] = {}
     tfile, cfile = root / "item_titles.tsv", root / "item_categories.tsv"
@@ -253,22 +325,42 @@ def read_amazon_sequences(root: Path, name: str) -> RawData:
     return RawData(users, items, None, titles, attrs, "products", [str(seq)])
 
 
-def read_amazon_ucsd(root: Path, name: str, category: str) -> RawData:
-    """The original UCSD 2014 files: reviews_<Category>_5.json.gz and meta_<Category>.json.gz."""
-    reviews = _require(root / f"reviews_{category}_5.json.gz", name)
-    users, items, times = [], [], []
+def _review_rows(reviews: Path) -> tuple[Ids, Ids, np.ndarray]:
+    """(users, items, times) of UCSD review JSON lines: parsed in C (pyarrow); a file it cannot take as is
+    (a bad line, a missing key, ids written as numbers) is read line by line, which names the bad line."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    schema = pa.schema([("reviewerID", pa.string()), ("asin", pa.string()), ("unixReviewTime", pa.float64())])
+    try:
+        table = pj.read_json(pa.BufferReader(decode_check(reviews, read_bytes(reviews), "utf-8")),
+                             parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
+        if table.num_rows and not any(table.column(c).null_count for c in schema.names):
+            times = table.column("unixReviewTime").to_numpy()
+            if np.isfinite(times).all():
+                return ids_from_arrow(table.column("reviewerID")), ids_from_arrow(table.column("asin")), times
+    except pa.ArrowInvalid:
+        pass
+    users, items, out = [], [], []
     for no, line in _lines(reviews, "utf-8"):
         try:
             rec = json.loads(line)
             users.append(str(rec["reviewerID"]))
             items.append(str(rec["asin"]))
-            times.append(float(rec["unixReviewTime"]))
+            out.append(float(rec["unixReviewTime"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise DataError(reviews, no, f"bad review record ({type(e).__name__}: {e})") from None
+    return Ids.of(users), Ids.of(items), np.asarray(out, dtype=np.float64)
+
+
+def read_amazon_ucsd(root: Path, name: str, category: str) -> RawData:
+    """The original UCSD 2014 files: reviews_<Category>_5.json.gz and meta_<Category>.json.gz."""
+    reviews = _require(root / f"reviews_{category}_5.json.gz", name)
+    users, items, times = _review_rows(reviews)
     titles, attrs = {}, {}
     meta = root / f"meta_{category}.json.gz"
     if meta.exists():
-        wanted = set(items)
+        wanted = items.used()
         for no, line in _lines(meta, "utf-8"):
             try:  # the metadata is Python-literal text: literal_eval, never eval
                 rec = ast.literal_eval(line)
@@ -298,67 +390,174 @@ def read_amazon(root: Path, name: str) -> RawData:
 
 
 # ---------------------------------------------------------------------------- user files
+def _arrow_ids(column: Any, col: str, path: Path) -> tuple[Ids, Check]:
+    """Ids of a Parquet column (text, integers, or floats that are whole numbers) and their check; a Parquet
+    row r is reported as line r + 1."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = column.type
+    null = column.is_null().to_numpy(zero_copy_only=False)
+    if pa.types.is_floating(t):
+        v = pc.fill_null(column, 0.0).to_numpy(zero_copy_only=False)
+        frac = ~np.isfinite(v) | (v != np.floor(np.where(np.isfinite(v), v, 0.0)))
+        frac &= ~null
+        ints = pc.cast(pa.array(np.where(frac | null, 0, v).astype(np.int64)), pa.string())
+        ids = ids_from_arrow(ints)
+        checks = [(null, lambda r: f"row {r + 1}: empty {col}"),
+                  (frac, lambda r: f"row {r + 1}: {col} is not a whole number: {v[r]!r}")]
+    else:
+        text = pc.fill_null(pc.cast(column, pa.string()), "")
+        ids, bad = id_check(text, free_id, col)
+        checks = [(null, lambda r: f"row {r + 1}: empty {col}"), (bad[0] & ~null, lambda r: f"row {r + 1}: " + bad[1](r))]
+    return ids, (np.logical_or(checks[0][0], checks[1][0]),
+                 lambda r: checks[0][1](r) if checks[0][0][r] else checks[1][1](r))
+
+
+def _arrow_times(column: Any, col: str) -> tuple[np.ndarray, Check]:
+    """Epoch seconds of a Parquet column: numbers, timestamps (naive = UTC) or text (numbers or ISO-8601)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = column.type
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        us = pc.cast(pc.cast(column, pa.timestamp("us", tz=getattr(t, "tz", None) or "UTC")), pa.int64())
+        out = pc.fill_null(pc.cast(us, pa.float64()), np.nan).to_numpy(zero_copy_only=False) / 1e6
+    elif pa.types.is_integer(t) or pa.types.is_floating(t):
+        out = pc.fill_null(pc.cast(column, pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+    else:
+        out, _ = time_check(pc.fill_null(pc.cast(column, pa.string()), ""), col)
+
+    def message(r: int) -> str:
+        return f"row {r + 1}: {col} is not a finite number or ISO-8601 time: {column[r].as_py()!r}"
+
+    return out, (~np.isfinite(out), message)
+
+
+def _read_parquet(path: Path, columns: list[str]) -> Any:
+    """A pyarrow Table of ``columns`` (all when empty) of a Parquet file."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several unrelated types for a bad file
+        raise DataError(path, None, f"cannot read Parquet ({type(e).__name__}: {e})") from None
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DataError(path, None, f"missing column(s) {missing}; columns are {names}")
+    try:
+        return pq.read_table(path, columns=columns or None)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(path, None, f"cannot read Parquet ({type(e).__name__}: {e})") from None
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.suffix in (".parquet", ".pq")
+
+
 def read_user_file(path: Path, user_col: str, item_col: str, time_col: str | None,
-                   items_file: Path | None = None) -> RawData:
-    """A user's own interactions (CSV or Parquet) and an optional item file (id, title, attributes)."""
+                   items_file: Path | None = None, *, title_col: str = "title", tags_col: str = "") -> RawData:
+    """A user's own interactions (CSV or Parquet) and an optional item file (CSV or Parquet: id, title,
+    tags, attribute columns). Times are epoch seconds or ISO-8601; ids are text, whole floats as integers.
+    Read column by column (pyarrow); the first bad row in file order is reported with its line."""
     if not path.exists():
         raise MissingDataError(f"interactions file {path} does not exist")
-    users: list[str] = []
-    items: list[str] = []
-    times: list[float] | None = [] if time_col else None
-    if path.suffix in (".parquet", ".pq"):
-        import numpy as np
-        import pandas as pd
-
-        try:
-            df = pd.read_parquet(path)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several unrelated types for a bad file
-            raise DataError(path, None, f"cannot read Parquet ({type(e).__name__}: {e})") from None
-        cols = [c for c in (user_col, item_col, time_col) if c]
-        missing = [c for c in cols if c not in df.columns]
-        if missing:
-            raise DataError(path, None, f"missing column(s) {missing}; columns are {list(df.columns)}")
-        for c in cols:
-            bad = df[c].isna().to_numpy().nonzero()[0]
-            if len(bad):
-                raise DataError(path, int(bad[0]) + 1, f"row {int(bad[0]) + 1}: empty {c}")
-        users = df[user_col].astype(str).tolist()
-        items = df[item_col].astype(str).tolist()
+    required = [c for c in (user_col, item_col, time_col) if c]
+    times: np.ndarray | None = None
+    if _is_parquet(path):
+        table = _read_parquet(path, required)
+        users, cu = _arrow_ids(table.column(user_col), user_col, path)
+        items, ci = _arrow_ids(table.column(item_col), item_col, path)
+        checks = [cu, ci]
         if time_col:
-            as_float = pd.to_numeric(df[time_col], errors="coerce").astype(float)
-            bad = (~np.isfinite(as_float.to_numpy())).nonzero()[0]
-            if len(bad):
-                r = int(bad[0])
-                raise DataError(path, r + 1, f"row {r + 1}: {time_col} is not a finite number: "
-                                             f"{df[time_col].iloc[r]!r}")
-            times = as_float.tolist()
+            times, ct = _arrow_times(table.column(time_col), time_col)
+            checks.append(ct)
+        err = first_error(path, lambda r: r + 1, checks)
+        if err is not None:
+            raise err
     else:
-        required = [c for c in (user_col, item_col, time_col) if c]
-        for no, row in _csv_rows(path, required):
-            users.append(_int_field(path, no, row[user_col], user_col))
-            items.append(_int_field(path, no, row[item_col], item_col))
-            if times is not None:
-                times.append(_float_field(path, no, row[time_col], time_col))  # type: ignore[index]
+        csv_table = read_csv_columns(path, required)
+        users, cu = id_check(csv_table.columns[user_col], free_id, user_col)
+        items, ci = id_check(csv_table.columns[item_col], free_id, item_col)
+        checks = [cu, ci]
+        if time_col:
+            times, ct = time_check(csv_table.columns[time_col], time_col)
+            checks.append(ct)
+        csv_table.raise_first(checks)
     titles: dict[str, str] = {}
     attrs: dict[str, dict[str, Any]] = {}
     if items_file is not None:
-        if not items_file.exists():
-            raise MissingDataError(f"item file {items_file} does not exist")
-        with open(items_file, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh)
-            fields = reader.fieldnames or []
-            if not fields:
-                raise DataError(items_file, 1, "empty item file")
-            id_col = item_col if item_col in fields else fields[0]
-            for row in reader:
-                if None in row or None in row.values():
-                    raise DataError(items_file, reader.line_num,
-                                    f"wrong number of fields (header has {len(fields)})")
-                iid = (row.get(id_col) or "").strip()
-                if not iid:
-                    raise DataError(items_file, reader.line_num, f"empty item id in column {id_col!r}")
-                titles[iid] = (row.get("title") or iid).strip()
-                extra = {k: v for k, v in row.items() if k not in (id_col, "title") and v}
-                tags = [t.strip() for t in (extra.pop("genres", "") or extra.pop("categories", "")).split("|") if t.strip()]
-                attrs[iid] = {"genres": tags, **extra} if tags else extra
-    return RawData(users, items, times, titles, attrs, "items", [str(path)])
+        titles, attrs = read_items_file(items_file, item_col, title_col, tags_col)
+        check_items_match(items_file, set(titles), items.used())
+    return RawData(users, items, times, titles, attrs, "items", [str(path)] + ([str(items_file)] if items_file else []))
+
+
+def _item_rows(items_file: Path, item_col: str) -> tuple[str, Iterator[tuple[int, dict[str, Any]]]]:
+    """The id column and the rows (line number, column -> value) of an items file, CSV or Parquet."""
+    if _is_parquet(items_file):
+        table = _read_parquet(items_file, [])
+        cols = [str(c) for c in table.column_names]
+        if not cols:
+            raise DataError(items_file, None, "no columns")
+        id_col = item_col if item_col in cols else cols[0]
+        id_column, check = _arrow_ids(table.column(id_col), id_col, items_file)
+        err = first_error(items_file, lambda r: r + 1, [check])
+        if err is not None:
+            raise err
+        ids = id_column.tolist()
+        df = table.to_pandas()
+        recs = df.to_dict("records")
+        return id_col, ((r + 1, {**{str(k): v for k, v in rec.items()}, id_col: ids[r]}) for r, rec in enumerate(recs))
+    with open(items_file, encoding="utf-8-sig", newline="") as fh:
+        fields = next(csv.reader(fh), [])
+    if not fields:
+        raise DataError(items_file, 1, "empty item file")
+    id_col = item_col if item_col in fields else fields[0]
+    return id_col, _csv_rows(items_file, [id_col])
+
+
+def _present(v: Any) -> bool:
+    """Not None, not NaN (an empty Parquet cell), not blank text."""
+    return v is not None and not (isinstance(v, float) and math.isnan(v)) and str(v).strip() != ""
+
+
+def _plain(v: Any) -> Any:
+    """numpy scalars and arrays (from Parquet) as plain Python values; text stripped."""
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    return v.strip() if isinstance(v, str) else v
+
+
+def read_items_file(items_file: Path, item_col: str, title_col: str = "title",
+                    tags_col: str = "") -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """Titles and attributes by item id. The id column is ``item_col`` when present, else the first;
+    tags come from ``tags_col`` (else ``genres`` or ``categories``) as 'a|b'; other columns are attributes."""
+    if not items_file.exists():
+        raise MissingDataError(f"item file {items_file} does not exist")
+    id_col, rows = _item_rows(items_file, item_col)
+    titles: dict[str, str] = {}
+    attrs: dict[str, dict[str, Any]] = {}
+    for no, row in rows:
+        iid = _id_field(items_file, no, str(row.get(id_col) or ""), f"item id in column {id_col!r}")
+        clean = {k: _plain(v) for k, v in row.items() if _present(v)}
+        titles[iid] = str(clean.get(title_col, iid)).strip()
+        extra = {k: v for k, v in clean.items() if k not in (id_col, title_col)}
+        tag_text = extra.pop(tags_col, "") if tags_col else (extra.pop("genres", "") or extra.pop("categories", ""))
+        tags = [t.strip() for t in (tag_text if isinstance(tag_text, list) else str(tag_text).split("|")) if str(t).strip()]
+        attrs[iid] = {"genres": tags, **extra} if tags else extra
+    return titles, attrs
+
+
+def check_items_match(items_file: Path, item_ids: set[str], interaction_ids: set[str]) -> None:
+    """An items file must describe the interactions' items: none matching is an error, a part is a warning."""
+    import logging
+
+    matched = len(interaction_ids & item_ids)
+    if interaction_ids and matched == 0:
+        raise DataError(items_file, None, f"none of its {len(item_ids)} item ids matches an item of the interactions "
+                                          f"(items file: {sorted(item_ids)[:3]}; interactions: "
+                                          f"{sorted(interaction_ids)[:3]}); check --item-col and the id column")
+    if matched < len(interaction_ids):
+        logging.getLogger(__name__).warning(
+            "%s describes %d of the %d interaction items (%.1f%%); the others show their ids as titles",
+            items_file, matched, len(interaction_ids), 100.0 * matched / len(interaction_ids))
