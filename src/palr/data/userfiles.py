@@ -23,28 +23,26 @@ from palr.errors import DataError, MissingDataError
 log = logging.getLogger(__name__)
 
 
-def _arrow_ids(column: Any, col: str, path: Path) -> tuple[Ids, Check]:
+def _arrow_ids(column: Any, col: str) -> tuple[Ids, Check]:
     """Ids of a Parquet column (text, integers, or floats that are whole numbers) and their check; a Parquet
     row r is reported as line r + 1."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    t = column.type
     null = column.is_null().to_numpy(zero_copy_only=False)
-    if pa.types.is_floating(t):
+    if pa.types.is_floating(column.type):
         v = pc.fill_null(column, 0.0).to_numpy(zero_copy_only=False)
-        frac = ~np.isfinite(v) | (v != np.floor(np.where(np.isfinite(v), v, 0.0)))
-        frac &= ~null
-        ints = pc.cast(pa.array(np.where(frac | null, 0, v).astype(np.int64)), pa.string())
-        ids = ids_from_arrow(ints)
-        checks = [(null, lambda r: f"row {r + 1}: empty {col}"),
-                  (frac, lambda r: f"row {r + 1}: {col} is not a whole number: {v[r]!r}")]
+        finite = np.isfinite(v)
+        frac = ~null & (~finite | (v != np.floor(np.where(finite, v, 0.0))))
+        ids = ids_from_arrow(pc.cast(pa.array(np.where(frac, 0.0, v).astype(np.int64)), pa.string()))
+        bad, why = frac, (lambda r: f"{col} is not a whole number: {float(v[r])!r}")
     else:
-        text = pc.fill_null(pc.cast(column, pa.string()), "")
-        ids, bad = id_check(text, free_id, col)
-        checks = [(null, lambda r: f"row {r + 1}: empty {col}"), (bad[0] & ~null, lambda r: f"row {r + 1}: " + bad[1](r))]
-    return ids, (np.logical_or(checks[0][0], checks[1][0]),
-                 lambda r: checks[0][1](r) if checks[0][0][r] else checks[1][1](r))
+        ids, (bad, why) = id_check(pc.fill_null(pc.cast(column, pa.string()), ""), free_id, col)
+
+    def message(r: int) -> str:
+        return f"row {r + 1}: " + (f"empty {col}" if null[r] else why(r))
+
+    return ids, (null | bad, message)
 
 
 def _arrow_times(column: Any, col: str) -> tuple[np.ndarray, Check]:
@@ -99,8 +97,8 @@ def read_user_file(path: Path, user_col: str, item_col: str, time_col: str | Non
     times: np.ndarray | None = None
     if _is_parquet(path):
         table = _read_parquet(path, required)
-        users, cu = _arrow_ids(table.column(user_col), user_col, path)
-        items, ci = _arrow_ids(table.column(item_col), item_col, path)
+        users, cu = _arrow_ids(table.column(user_col), user_col)
+        items, ci = _arrow_ids(table.column(item_col), item_col)
         checks = [cu, ci]
         if time_col:
             times, ct = _arrow_times(table.column(time_col), time_col)
@@ -133,7 +131,7 @@ def _item_rows(items_file: Path, item_col: str) -> tuple[str, Iterator[tuple[int
         if not cols:
             raise DataError(items_file, None, "no columns")
         id_col = item_col if item_col in cols else cols[0]
-        id_column, check = _arrow_ids(table.column(id_col), id_col, items_file)
+        id_column, check = _arrow_ids(table.column(id_col), id_col)
         err = first_error(items_file, lambda r: r + 1, [check])
         if err is not None:
             raise err
