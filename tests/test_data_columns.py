@@ -120,3 +120,22 @@ def test_preprocess_matches_row_by_row_reference() -> None:
     assert ds.catalog.item_ids == sorted({i for s in want.values() for i in s}, key=id_sort_key)
     for u, seq in zip(ds.user_ids, ds.sequences, strict=True):
         assert [ds.catalog.item_ids[i] for i in seq] == want[u]
+
+
+def test_group_order_is_a_stable_argsort() -> None:
+    from palr.data.preprocess import group_order
+
+    rng = np.random.default_rng(3)
+    for n_keys in (7, 70_000, 3_000_000):
+        keys = rng.integers(0, n_keys, 50_000)
+        np.testing.assert_array_equal(group_order(keys, n_keys), np.argsort(keys, kind="stable"))
+
+
+def test_time_order_is_a_stable_argsort() -> None:
+    from palr.data.preprocess import time_order
+
+    rng = np.random.default_rng(4)
+    for times in (rng.integers(1_000_000_000, 1_000_000_050, 20_000).astype(float),  # whole seconds, many ties
+                  rng.integers(0, 2**40, 20_000).astype(float) - 2**39,  # three radix passes, negative times
+                  rng.random(20_000).round(2)):  # fractions: the plain stable sort
+        np.testing.assert_array_equal(time_order(times), np.argsort(times, kind="stable"))

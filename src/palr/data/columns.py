@@ -100,14 +100,18 @@ class Ids:
 
 
 def ids_from_arrow(column: Any) -> Ids:
-    """Codes and distinct values of a pyarrow string column (C speed)."""
+    """Codes and distinct values of a pyarrow string column (C speed; the chunks of a chunked column share
+    one dictionary, so nothing is copied into one array first)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if isinstance(column, pa.Array):
+        column = pa.chunked_array([column])
     enc = pc.dictionary_encode(column)
-    return Ids(enc.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False), enc.dictionary.to_pylist())
+    if enc.num_chunks == 0:
+        return Ids(np.zeros(0, dtype=np.int32), [])
+    codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in enc.chunks]).astype(np.int32, copy=False)
+    return Ids(codes, enc.chunk(enc.num_chunks - 1).dictionary.to_pylist())
 
 
 # ---------------------------------------------------------------------------- lines of a text file
@@ -265,9 +269,13 @@ def to_float(column: Any) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    try:
+        return np.array(pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)  # writable
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
     col = pc.utf8_trim_whitespace(column)
     try:
-        return np.array(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)  # writable
+        return np.array(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         import pandas as pd
 

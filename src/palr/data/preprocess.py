@@ -53,6 +53,29 @@ def k_core(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
         keep &= ~bad
 
 
+def group_order(keys: np.ndarray, n_keys: int) -> np.ndarray:
+    """A stable argsort of non-negative integer ``keys`` < ``n_keys``: numpy radix-sorts 16-bit keys, so wider
+    keys are sorted 16 bits at a time, least significant first (each pass stable; at most 3 passes)."""
+    if n_keys > 2**48:
+        return np.argsort(keys, kind="stable")
+    keys = np.asarray(keys, dtype=np.int64)
+    order = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable")
+    for shift in (16, 32):
+        if n_keys > 1 << shift:
+            order = order[np.argsort(((keys[order] >> shift) & 0xFFFF).astype(np.uint16), kind="stable")]
+    return order
+
+
+def time_order(times: np.ndarray) -> np.ndarray:
+    """Stable chronological order (ties keep file order); whole-second times use the radix passes."""
+    t = np.asarray(times, dtype=np.float64)
+    if len(t):
+        lo, hi = float(t.min()), float(t.max())
+        if hi - lo < 2**48 and np.array_equal(t, np.floor(t)):
+            return group_order((t - lo).astype(np.int64), int(hi - lo) + 1)
+    return np.argsort(t, kind="stable")
+
+
 def _sorted_ids(codes: np.ndarray, vocab: list[str]) -> tuple[list[str], np.ndarray]:
     """(original ids of the codes in use, sorted by id_sort_key; code -> dense index, -1 for unused codes)."""
     used = np.flatnonzero(np.bincount(codes, minlength=len(vocab)))
@@ -70,7 +93,7 @@ def preprocess(raw: RawData, name: str, min_count: int = 5) -> Dataset:
     if len(users) == 0:
         raise PalrError(f"data set {name!r} has no interactions")
     if raw.times is not None:
-        order = np.argsort(np.asarray(raw.times, dtype=np.float64), kind="stable")  # chronological, ties in file order
+        order = time_order(raw.times)  # chronological, ties in file order
         u, i = users.codes[order].astype(np.int64), items.codes[order].astype(np.int64)
         del order
     else:
@@ -87,7 +110,7 @@ def preprocess(raw: RawData, name: str, min_count: int = 5) -> Dataset:
     item_ids, dense_i = _sorted_ids(i, items.vocab)
     u, i = dense_u[u], dense_i[i]
     # group per user keeping the chronological order already established
-    by_user = np.argsort(u, kind="stable")
+    by_user = group_order(u, len(user_ids))
     bounds = np.cumsum(np.bincount(u, minlength=len(user_ids)))[:-1]
     seqs = np.split(i[by_user], bounds)
     catalog = Catalog(
