@@ -14,7 +14,8 @@ peak memory (max RSS) is that step's alone:
   popularity and by a SASRec of the same shape (trained one epoch on 1,000 users: the cost of scoring does
   not depend on the weights): users per second.
 
-Prints one JSON object per step and a Markdown table at the end (the figures of benchmarks/RESULTS.md).
+Prints one JSON object per step (wall seconds, CPU seconds of the process and its threads, peak memory) and all
+rows at the end. On a shared machine the CPU seconds say more than the wall clock.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def run_measured(cmd: list[str], log: Path) -> dict[str, float | str]:
         text = out.read()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
-    return {"seconds": round(seconds, 2), "peak_gib": round(usage.ru_maxrss / 2**20, 3), "stdout": text}
+    return {"seconds": round(seconds, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_gib": round(usage.ru_maxrss / 2**20, 3), "stdout": text}
 
 
 def step(kind: str, csv_path: Path, eval_users: int) -> dict[str, float]:
@@ -89,19 +91,22 @@ def step(kind: str, csv_path: Path, eval_users: int) -> dict[str, float]:
                             patience=1, dropout=0.2, bf16=False)
     # the evaluation's SASRec is trained on a few users only (scoring cost does not depend on the weights)
     train = split.train if kind == "sasrec" else split.train[:1000]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     sasrec.fit(train, split.n_items, valid=None)
-    fit_s = time.perf_counter() - t0
+    fit_s, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
     out: dict[str, float] = {"train_interactions": n_train, "users": split.dataset.n_users, "items": split.n_items}
     if kind == "sasrec":
-        out.update(epoch_s=round(fit_s, 2), epoch_s_per_1m=round(fit_s / (n_train / 1e6), 2))
+        out.update(epoch_s=round(fit_s, 2), epoch_s_per_1m=round(fit_s / (n_train / 1e6), 2),
+                   epoch_cpu_s=round(fit_cpu, 2), epoch_cpu_s_per_1m=round(fit_cpu / (n_train / 1e6), 2))
     else:
         users = min(eval_users, split.dataset.n_users)
         head = _head_split(split, users)
         for name, model in (("popularity", make_retriever("popularity").fit(split.train, split.n_items)),
                             ("sasrec", sasrec)):
+            c0 = time.process_time()
             r = evaluate_retriever(model, head, "test", batch_size=256)
             out[f"{name}_users_per_s"] = round(users / r["seconds"], 1)
+            out[f"{name}_users_per_cpu_s"] = round(users / (time.process_time() - c0), 1)
     out["peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     return out
 
@@ -137,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                              "--dataset", f"csv:{csv_path}", "--json"], log)
         stats = json.loads(str(load.pop("stdout")))
         row = {"interactions": n, "after_5core": stats["interactions"], "users": stats["users"],
-               "items": stats["items"], "load_s": load["seconds"], "load_gib": load["peak_gib"]}
+               "items": stats["items"], "load_s": load["seconds"], "load_cpu_s": load["cpu_s"],
+               "load_gib": load["peak_gib"]}
         print(json.dumps(row), flush=True)
         for kind, at in (("sasrec", args.sasrec_sizes), ("evaluate", args.eval_sizes)):
             if str(n) in at.split(","):
