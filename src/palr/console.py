@@ -21,6 +21,7 @@ KNOWN_WARNINGS = [
     r".*loss_type=None.*",
     r".*Attention mask.*not set.*",
     r".*generation flags are not valid.*",
+    r".*is_gradient_checkpointing.*is deprecated.*",  # transformers, on loading a LoRA adapter (peft)
 ]
 
 
