@@ -33,6 +33,7 @@ from palr.finetune.train import (
     encode_records,
     lm_trainer_class,
     pretrain_sequences,
+    quiet_trainer_logs,
     rank_metrics,
     training_arguments,
     validation_set,
@@ -289,20 +290,6 @@ def downsample(values: list[float], points: int = 200) -> list[list[float]]:
         return []
     step = max(1, -(-len(values) // points))
     return [[float(b + 1), round(float(np.mean(values[b:b + step])), 5)] for b in range(0, len(values), step)]
-
-
-def quiet_trainer_logs(trainer: Any) -> None:
-    """The Trainer's log dicts go to the run's log file (INFO), not printed under the progress bar."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
-
-    def on_log(self: Any, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-        if logs:
-            log.info("step %d: %s", state.global_step,
-                     ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()))
-
-    had_bar = trainer.pop_callback(ProgressCallback) is not None
-    trainer.pop_callback(PrinterCallback)
-    trainer.add_callback(type("LogToFile", (ProgressCallback if had_bar else TrainerCallback,), {"on_log": on_log}))
 
 
 def checkpoint_complete(path: Path) -> bool:

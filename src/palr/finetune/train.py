@@ -184,11 +184,26 @@ def pretrain_sequences(model: Any, tok: Any, split: Split, builder: PromptBuilde
             logging_strategy="no", seed=seed, data_seed=seed, disable_tqdm=not progress_enabled(progress))
         trainer = lm_trainer_class()(model=model, args=args, train_dataset=rows,
                                      data_collator=lambda b: collate(b, tok.pad_token_id))
+        quiet_trainer_logs(trainer)
         trainer.train()
     model.eval()
     log.info("pretraining: %d sequences, %d steps per process, loss per epoch %s", len(rows),
              trainer.state.global_step, [round(x, 4) for x in trainer.epoch_losses])
     return trainer.epoch_losses
+
+
+def quiet_trainer_logs(trainer: Any) -> None:
+    """The Trainer's log dicts go to the run's log file (INFO), not printed under the progress bar."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
+
+    def on_log(self: Any, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        if logs:
+            log.info("step %d: %s", state.global_step,
+                     ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()))
+
+    had_bar = trainer.pop_callback(ProgressCallback) is not None
+    trainer.pop_callback(PrinterCallback)
+    trainer.add_callback(type("LogToFile", (ProgressCallback if had_bar else TrainerCallback,), {"on_log": on_log}))
 
 
 def lm_trainer_class() -> Any:
