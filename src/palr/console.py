@@ -35,18 +35,26 @@ def progress_enabled(progress: bool = True) -> bool:
 
 
 def silence_known_warnings() -> None:
+    """Known dependency warnings, INFO chatter and weight-loading bars off (the CLI's normal path).
+
+    transformers is not imported for this (it is slow to import): when it is not loaded yet, its
+    environment settings are given instead, which it reads when it loads.
+    """
+    import sys
+
     for pattern in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("transformers", "transformers.modeling_utils", "transformers.trainer", "peft", "httpx",
                  "sentence_transformers", "implicit"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
-    except ImportError:  # pragma: no cover - the llm extra is optional
-        pass
+    else:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def setup(verbose: bool = False, quiet: bool = False, debug: bool = False) -> None:
