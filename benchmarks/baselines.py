@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no busy-waiting threads
+
 from palr.data import data_dir, load_split
 from palr.evaluation import evaluate_retriever
 from palr.evaluation.report import compare_ranks

@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no busy-waiting threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from palr_e2e import write_section
@@ -41,7 +44,7 @@ def main() -> None:
     from palr.finetune.train import FinetuneConfig
     from palr.pipeline import PALR, evaluate_palr
 
-    cfg = FinetuneConfig(base_model=args.gemma, lora_r=8, lora_alpha=16, epochs=1.0, batch_size=4, lr=2e-4,
+    cfg = FinetuneConfig(base_model=args.gemma, lora=(8, 16), epochs=1.0, batch_size=4, lr=2e-4,
                          valid_users=60, weight_users=150, pretrain_epochs=0, max_length=512,
                          examples=ExampleConfig(user_fraction=args.train_users, positions_per_user=1,
                                                 n_candidates=args.candidates, history_len=5))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import re
 import sys
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no busy-waiting threads
 
 HERE = Path(__file__).resolve().parent
 FT = {  # fine-tuning settings per data set (flags of `palr finetune`)

@@ -169,16 +169,26 @@ def test_launchers_pass_every_option_through(command: str) -> None:
         get_args_parser().parse_args(["-m", "palr.cli", command, "--run", "runs/in"])
 
 
-def test_positional_and_option_input_run() -> None:
-    from palr.cli import input_run
-    from palr.errors import PalrError
+def test_positional_and_option_input_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """The input run may be positional (what launchers pass through) or --run; two different ones are an error."""
+    import typer
 
-    assert input_run(Path("a"), None) == Path("a") == input_run(None, Path("a")) == input_run(Path("a"), Path("a"))
-    assert input_run(None, None, required=False) is None
-    with pytest.raises(PalrError, match="two input runs"):
-        input_run(Path("a"), Path("b"))
-    with pytest.raises(PalrError, match="give the input run"):
-        input_run(None, None)
+    from palr.cli import main
+    from palr.config import FinetuneCommand
+    from palr.options import typer_command
+
+    seen: list[Path] = []
+    app = typer.Typer()
+    typer_command(app, "finetune", FinetuneCommand, lambda cfg: seen.append(cfg.run))
+    typer_command(app, "other", FinetuneCommand, lambda cfg: None)
+    for args in (["a"], ["--run", "a"], ["a", "--run", "a"]):
+        app(["finetune", *args, "--out", "o"], standalone_mode=False)
+    assert seen == [Path("a")] * 3
+    for args, message in ((["a", "--run", "b"], "two values for --run: a and --run b; give one"),
+                          ([], "missing --run")):
+        with pytest.raises(SystemExit) as e:
+            main(["finetune", *args, "--out", "o"])
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_scale_out_configs_load_and_the_readme_names_them() -> None:

@@ -110,6 +110,7 @@ def test_choose_weight_uses_the_given_validation_data() -> None:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A retriever run and a PALR run on a synthetic CSV (tiny mini model, one epoch)."""
+    from palr.config import MiniConfig
     from palr.finetune.run import finetune
     from palr.finetune.train import FinetuneConfig
     from palr.retrieval.train import train_run
@@ -117,7 +118,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("palr")
     name = write_csv(tmp)
     rrun = train_run(name, "itemknn", tmp / "retr", progress=False)
-    cfg = FinetuneConfig(epochs=1.0, valid_users=50, batch_size=16, mini_vocab=300, mini_dim=32, mini_layers=1,
+    cfg = FinetuneConfig(epochs=1.0, valid_users=50, batch_size=16, mini=MiniConfig(vocab=300, dim=32, layers=1),
                          text_encoder="tfidf", examples=ExampleConfig(positions_per_user=2, n_candidates=20,
                                                                       source="both"))
     prun = finetune(rrun, tmp / "palr", cfg, progress=False)
@@ -329,7 +330,7 @@ def test_lora_finetune_saves_an_adapter_that_moved_and_reloads(tiny_run: dict, t
     from palr.pipeline import PALR
 
     base = build_tiny_model(tmp_path / "base")
-    cfg = FinetuneConfig(base_model=str(base), lora_r=4, lora_alpha=8, epochs=1.0, valid_users=20, batch_size=8,
+    cfg = FinetuneConfig(base_model=str(base), lora=(4, 8), epochs=1.0, valid_users=20, batch_size=8,
                          lr=5e-3, max_length=250, pretrain_epochs=0,
                          examples=ExampleConfig(positions_per_user=1, n_candidates=5, history_len=5))
     prun = finetune(tiny_run["retriever"], tmp_path / "lora", cfg, progress=False)

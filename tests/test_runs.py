@@ -102,3 +102,104 @@ def test_saved_retriever_scores_the_same(tmp_path: Path, synth_split: Split, nam
     hist = synth_split.histories("test")[:30]
     np.testing.assert_array_equal(model.score(hist), again.score(hist))
     assert again.params() == model.params()
+
+
+# ---------------------------------------------------------------------------- honest, crash-safe run directories
+def _tiny_csv(tmp_path: Path) -> str:
+    path = tmp_path / "inter.csv"
+    path.write_text("user,item,timestamp\n" + "".join(f"u{u},i{(u + k) % 7},{k}\n" for u in range(7) for k in range(5)))
+    return f"csv:{path}"
+
+
+def test_rerun_into_a_run_with_other_settings(tmp_path: Path) -> None:
+    """An existing --out is reused only with the same settings; other settings are refused or --overwrite."""
+    from palr.retrieval.train import load_run, train_run
+
+    data, out = _tiny_csv(tmp_path), tmp_path / "run"
+    train_run(data, "popularity", out, progress=False)
+    train_run(data, "popularity", out, progress=False)  # the same settings: rerun in place
+    with pytest.raises(RunError, match=r"holds a run made with other settings \(retriever 'popularity' -> "
+                                       r"'itemknn'\).*--overwrite"):
+        train_run(data, "itemknn", out, progress=False)
+    assert read_run(out)["config"]["retriever"] == "popularity"  # untouched
+    (out / "model" / "stale.bin").write_bytes(b"old")
+    train_run(data, "itemknn", out, progress=False, overwrite=True)
+    assert load_run(out)[0]["config"]["retriever"] == "itemknn" and not (out / "model" / "stale.bin").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="unknown or older run"):
+        train_run(data, "popularity", foreign, progress=False)
+
+
+def _write_safetensors(path: Path, n: int = 64) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.arange(n, dtype=np.float32)}, str(path))
+
+
+def test_torn_checkpoints_are_skipped_and_removed(tmp_path: Path) -> None:
+    """A kill during a Trainer save left a checkpoint that crashed every rerun (SafetensorError)."""
+    from palr.finetune.run import _last_checkpoint, checkpoint_complete
+
+    ckpt = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        d = ckpt / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        _write_safetensors(d / "model.safetensors")
+        (d / "trainer_state.json").write_text("{}")
+    whole = (ckpt / "checkpoint-6" / "model.safetensors").read_bytes()
+    (ckpt / "checkpoint-6" / "model.safetensors").write_bytes(whole[: len(whole) - 10])  # torn data
+    (ckpt / "checkpoint-4" / "trainer_state.json").unlink()  # killed before the state was written
+    assert checkpoint_complete(ckpt / "checkpoint-2") and not checkpoint_complete(ckpt / "checkpoint-6")
+    assert _last_checkpoint(ckpt) == ckpt / "checkpoint-2"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint-2"]
+    (ckpt / "checkpoint-2" / "model.safetensors").write_bytes(whole[:5])  # torn header
+    assert _last_checkpoint(ckpt) is None
+
+
+def test_directory_build_killed_midway_leaves_no_half_folder(tmp_path: Path) -> None:
+    """A process killed (SIGKILL) while writing a model folder leaves the old folder whole; the rerun builds it."""
+    import subprocess
+    import sys
+    import time
+
+    from palr.runs import build_dir_atomic
+
+    dst = tmp_path / "base"
+    script = ("import sys, time; from pathlib import Path; from palr.runs import build_dir_atomic\n"
+              "def build(tmp):\n"
+              "    tmp.mkdir(); (tmp / 'config.json').write_text('{}'); (tmp / 'model.safetensors').write_bytes(b'x')\n"
+              "    time.sleep(60)\n"
+              f"build_dir_atomic(Path({str(dst)!r}), build)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    tmp = tmp_path / ".base.tmp"
+    deadline = time.time() + 30
+    while not (tmp / "model.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert tmp.exists() and not dst.exists()  # half-written, but only at the temporary sibling
+
+    def build(d: Path) -> None:
+        d.mkdir()
+        (d / "config.json").write_text('{"ok": 1}')
+
+    build_dir_atomic(dst, build)
+    assert json.loads((dst / "config.json").read_text()) == {"ok": 1} and not tmp.exists()
+    with pytest.raises(RuntimeError):  # a failing build keeps the previous complete folder
+        build_dir_atomic(dst, lambda d: (d.mkdir(), (_ for _ in ()).throw(RuntimeError("boom"))))
+    assert json.loads((dst / "config.json").read_text()) == {"ok": 1}
+
+
+def test_damaged_base_model_is_rebuilt(tmp_path: Path, synth_split: Split) -> None:
+    """A half-written base/ (from a kill in an older palr) made every rerun crash; now it is rebuilt."""
+    from palr.config import FinetuneConfig, MiniConfig
+    from palr.finetune.train import build_base
+
+    cfg = FinetuneConfig(mini=MiniConfig(vocab=300, dim=32, layers=1), init_from_retriever=False).resolved()
+    build_base(cfg, synth_split, tmp_path, None)
+    weights = tmp_path / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    model, _ = build_base(cfg, synth_split, tmp_path, None)
+    assert model.config.hidden_size == 32 and (tmp_path / "base" / "model.safetensors").stat().st_size > 1000

@@ -32,16 +32,15 @@ def write_fake_ml100k(root: Path, n_users: int = 120, n_items: int = 60, seed: i
 
 def build_tiny_run(root: Path) -> dict[str, Path]:
     """SASRec (2 epochs, 16-d) + a one-layer mini ranker (1 epoch), evaluated on test (test_ranks.npz)."""
-    from palr.finetune.data import ExampleConfig
+    from palr.config import ExampleConfig, FinetuneConfig, MiniConfig
     from palr.finetune.run import finetune
-    from palr.finetune.train import FinetuneConfig
     from palr.pipeline import evaluate_palr_run
     from palr.retrieval.train import train_run
 
     data_dir = write_fake_ml100k(root / "data")
     rrun = train_run("ml-100k", "sasrec", root / "retriever", params={"epochs": 2, "hidden": 16, "max_len": 50},
                      data_dir=data_dir, progress=False)
-    cfg = FinetuneConfig(epochs=1.0, valid_users=40, batch_size=16, mini_vocab=300, mini_dim=32, mini_layers=1,
+    cfg = FinetuneConfig(epochs=1.0, valid_users=40, batch_size=16, mini=MiniConfig(vocab=300, dim=32, layers=1),
                          pretrain_epochs=1, examples=ExampleConfig(positions_per_user=2, n_candidates=20))
     prun = finetune(rrun, root / "palr", cfg, data_dir=data_dir, progress=False)
     evaluate_palr_run(prun, data_dir=data_dir, progress=False)

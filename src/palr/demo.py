@@ -16,8 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
-from palr.finetune.data import ExampleConfig
-from palr.finetune.train import FinetuneConfig
+from palr.config import ExampleConfig, FinetuneConfig
 
 # (retriever params, fine-tuning config) for the full and the --quick demo
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -28,7 +27,7 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 def run_demo(dataset: str = "ml-100k", out: str | Path = "runs/demo", *, quick: bool = False,
              data_dir: str | Path | None = None, seed: int = 0, users: int = 3,
-             console: Console | None = None) -> dict[str, Any]:
+             console: Console | None = None, overwrite: bool = False) -> dict[str, Any]:
     from palr.data import load_dataset
     from palr.evaluation import results_table
     from palr.evaluation.report import comparisons_table
@@ -48,7 +47,7 @@ def run_demo(dataset: str = "ml-100k", out: str | Path = "runs/demo", *, quick: 
 
     con.print("2/5 retrieval: training SASRec on the training split (early stopping on validation NDCG@10)")
     rrun = train_run(dataset, "sasrec", out / "retriever", params=dict(rparams), seed=seed, data_dir=data_dir,
-                     progress=True)
+                     progress=True, overwrite=overwrite)
     rval = json.loads((rrun / "metrics.json").read_text())["valid"]
     con.print(f"    SASRec valid NDCG@10 {rval['NDCG@10']:.4f}, HR@10 {rval['HR@10']:.4f}")
 
@@ -56,7 +55,8 @@ def run_demo(dataset: str = "ml-100k", out: str | Path = "runs/demo", *, quick: 
     ex = ExampleConfig(positions_per_user=int(fparams["positions_per_user"]), seed=seed)
     cfg = FinetuneConfig(base_model="mini", epochs=float(fparams["epochs"]), examples=ex, seed=seed,
                          valid_users=500 if quick else 1000)
-    prun = finetune(rrun, out / "palr", cfg, data_dir=data_dir, progress=True)
+    # the PALR run belongs to this retriever: same settings and retriever resume it, a retrained one replaces it
+    prun = finetune(rrun, out / "palr", cfg, data_dir=data_dir, progress=True, overwrite=True)
 
     con.print("5/5 evaluation on the test split (full ranking; a retrieval miss counts as a miss)")
     doc = evaluate_palr_run(prun, out=out / "results.json", predictions=out / "predictions.jsonl",

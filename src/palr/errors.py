@@ -42,3 +42,7 @@ class LLMUnavailable(PalrError):
 
     Commands stop on it with one line unless the user allowed a fallback to the retriever (``--allow-fallback``).
     """
+
+
+class ConfigError(PalrError):
+    """A flag, ``--param`` or config-file value is unknown or has the wrong type; names the valid choices."""

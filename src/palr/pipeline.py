@@ -24,7 +24,7 @@ from palr.evaluation import DEFAULT_KS, evaluate_retriever, metrics_from_ranks, 
 from palr.evaluation.report import compare_ranks, statistics_protocol, write_per_user
 from palr.ranking import PromptBuilder, Ranker, RankingConfig, positional_ranks
 from palr.retrieval.base import load_retriever
-from palr.runs import check_dataset, dataset_info, read_run, write_json
+from palr.runs import check_dataset, dataset_info, read_run, run_data_spec, write_json
 
 log = logging.getLogger(__name__)
 MAX_USER_ID = 256  # characters of a user id (CLI and HTTP service alike)
@@ -94,7 +94,7 @@ class PALR:
         kind = _run_kind(run)
         if kind == "palr":
             cfg = read_run(run, "palr")
-            split = load_split(cfg["dataset"]["name"], data_dir or cfg["config"].get("data_dir") or None)
+            split = load_split(run_data_spec(cfg, data_dir))
             check_dataset(cfg, split.dataset, run)
             raw = json.loads((run / "ranking.json").read_text())
             rc = RankingConfig.from_dict(raw)
@@ -389,6 +389,7 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     whole batches of users and the main process gathers the per-user results: the figures are those of one
     process. The main process gets the result, the others None."""
     from palr import distributed
+    from palr.console import progress_enabled
     from palr.ranking import floor_missing, fuse, order_by, retriever_prior
 
     split = palr.split
@@ -397,7 +398,7 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     retr_bs = 512
     # whole batches of both the retriever and the LLM: every batch holds the users it holds in one process
     sel = everyone[distributed.shard(len(everyone), math.lcm(retr_bs, bs))]
-    show = progress and distributed.is_main()
+    show = progress_enabled(progress) and distributed.is_main()
     retr = evaluate_retriever(palr.retriever, split, stage, ks, candidates=palr.ranking["n_candidates"],  # type: ignore[arg-type]
                               predictions=max(max(ks), 10), batch_size=retr_bs, users=sel)
     assert retr is not None

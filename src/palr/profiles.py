@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from palr.console import progress_enabled
 from palr.data.dataset import Catalog, Dataset
 from palr.errors import LLMUnavailable, PalrError
 from palr.llm.base import LLM
@@ -397,8 +398,8 @@ def profile_users(dataset: Dataset, users: Sequence[str], profiler: Profiler, *,
         else:
             todo.append(k)
     bar = None
-    if progress and todo:
-        from tqdm import tqdm
+    if progress_enabled(progress) and todo:
+        from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc=f"profiles ({profiler.name})", unit="user")
     for start in range(0, len(todo), chunk):

@@ -20,33 +20,13 @@ import json
 import logging
 import os
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from palr.config import ServiceConfig  # the settings of `palr serve`, defined with every other command's
+
 log = logging.getLogger(__name__)
 WEB = Path(__file__).parent / "web"  # index.html, app.js, app.css: no build step
-
-
-@dataclass
-class ServiceConfig:
-    """Settings of `palr serve` (each is a command-line option)."""
-
-    host: str = "127.0.0.1"  # the interface to bind; 0.0.0.0 exposes the service to the network
-    port: int = 8000
-    token: str | None = None  # bearer token the API requires (also $PALR_TOKEN); None = open
-    cors_origins: list[str] = field(default_factory=list)  # origins allowed by CORS; empty = CORS off
-    max_body_bytes: int = 256 * 1024  # larger request bodies get 413
-    max_concurrent: int = 4  # requests computed at once
-    max_queue: int = 64  # requests waiting for a slot; beyond that 503
-
-    def __post_init__(self) -> None:
-        from palr.errors import InputError
-
-        if self.max_body_bytes < 1024 or self.max_concurrent < 1 or self.max_queue < 0:
-            raise InputError("need max_body_bytes >= 1024, max_concurrent >= 1 and max_queue >= 0")
-        if self.token is not None and not self.token.strip():
-            raise InputError("an empty token would protect nothing: give a non-empty --token or none")
 
 
 async def _send_json(send: Any, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
@@ -243,7 +223,11 @@ def serve(run: "str | Path", config: ServiceConfig | None = None, data_dir: "str
         cfg.token = os.environ["PALR_TOKEN"]
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.token is None:
         log.warning("serving on %s without a token: anyone who can reach it can use the API", cfg.host)
-    uvicorn.run(create_app(run, data_dir, cfg, llm, allow_fallback), host=cfg.host, port=cfg.port, log_level="info")
+    from palr.pipeline import PALR
+
+    # load before serving: an incomplete or mismatched run is a PalrError (message, exit 2), not a uvicorn traceback
+    loaded = PALR.load(run, data_dir, llm=llm, allow_fallback=allow_fallback)
+    uvicorn.run(create_app(loaded, data_dir, cfg), host=cfg.host, port=cfg.port, log_level="info")
 
 
 __all__ = ["Guard", "ServiceConfig", "create_app", "serve"]

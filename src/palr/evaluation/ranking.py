@@ -122,8 +122,10 @@ def score_batches(retriever: Retriever, histories: Sequence[np.ndarray], batch_s
                   progress: bool = False, desc: str = "scoring") -> Iterable[tuple[slice, np.ndarray]]:
     from tqdm.auto import tqdm
 
+    from palr.console import progress_enabled
+
     starts = range(0, len(histories), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+    for start in tqdm(starts, desc=desc, disable=not progress_enabled(progress), leave=False):
         sl = slice(start, min(start + batch_size, len(histories)))
         yield sl, retriever.score(list(histories[sl]))
 

@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from palr.config import TASKS, ExampleConfig
 from palr.data.dataset import Split
 from palr.evaluation import top_k
 
 log = logging.getLogger(__name__)
 
-TASKS = ("recommend", "recommend_retrieval", "verbalizer")
 
 
 @dataclass
@@ -50,22 +50,6 @@ class Example:
     targets: list[int]
     candidates: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     profile: str | None = None
-
-
-@dataclass
-class ExampleConfig:
-    """The paper's choices as options (PALR: 20% of users, history of 20, item swap augmentation)."""
-
-    user_fraction: float = 1.0  # paper: 0.2
-    positions_per_user: int = 10  # training prefixes per user, counted back from the end of train
-    history_len: int = 20
-    n_candidates: int = 50
-    n_targets: int = 1  # future items per example (Recommend tasks may use up to 10)
-    genre_negatives: int = 5  # same-genre/category items among the candidates
-    cooc_negatives: int = 5  # items co-occurring with the target in training sequences
-    swap_prob: float = 0.0  # item-swap augmentation between history and answer (paper)
-    source: str = "valid"  # "valid" (genuine candidates of validation users), "prefixes", or "both"
-    seed: int = 0
 
 
 def select_users(n_users: int, fraction: float, seed: int) -> np.ndarray:
@@ -169,11 +153,13 @@ def attach_candidates(examples: list[Example], split: Split, retriever: Any, cfg
     """Fill ``candidates``: targets + hard negatives, shuffled; the user's valid/test items never appear."""
     from tqdm.auto import tqdm
 
+    from palr.console import progress_enabled
+
     rng = np.random.default_rng(cfg.seed + 1)
     sampler = NegativeSampler(split)
     forbidden = np.stack([split.valid_targets, split.test_targets], axis=1)  # (U, 2)
     K = min(cfg.n_candidates, split.n_items)
-    for start in tqdm(range(0, len(examples), batch_size), desc="candidates", disable=not progress, leave=False):
+    for start in tqdm(range(0, len(examples), batch_size), desc="candidates", disable=not progress_enabled(progress), leave=False):
         batch = examples[start:start + batch_size]
         hists = [e.history for e in batch]
         top, _ = top_k(retriever.score(hists), hists, K + 2)

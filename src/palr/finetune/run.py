@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from palr.config import FinetuneCommand
+from palr.console import progress_enabled
 from palr.errors import PalrError
 from palr.finetune.data import (
     attach_candidates,
@@ -31,12 +33,14 @@ from palr.finetune.train import (
     encode_records,
     lm_trainer_class,
     pretrain_sequences,
+    quiet_trainer_logs,
     rank_metrics,
     training_arguments,
     validation_set,
 )
+from palr.options import flat
 from palr.ranking import PromptBuilder, Ranker
-from palr.runs import begin_run, finish_run, write_json
+from palr.runs import begin_run, build_dir_atomic, copy_tree_atomic, finish_run, tree_digest, write_json
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +111,11 @@ def _trainer_class() -> Any:
 
 
 def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *, data_dir: str | Path | None = None,
-             progress: bool = True, resume: bool = True) -> Path:
+             progress: bool = True, resume: bool = True, overwrite: bool = False) -> Path:
     """Fine-tune the ranking LLM over a retriever run; writes a complete ``palr`` run directory at ``out``.
+
+    ``out`` is reused (checkpoints resumed) only when it was started with the same settings and the same
+    retriever run; otherwise it is refused, or emptied with ``overwrite``.
 
     Under a launcher (``torchrun``/``accelerate launch`` with N processes) every process trains on its share of the
     records (the Trainer's distributed sampler, pretraining included); validation ranking and the fusion-weight
@@ -120,17 +127,20 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
     from palr import distributed
     from palr.retrieval.train import load_run
 
+    command = FinetuneCommand(run=Path(retriever_run), out=Path(out), train=cfg, data_dir=Path(data_dir) if data_dir
+                              else None)  # refuses --out == --run
     cfg = cfg.resolved()
     t_start = time.perf_counter()
     distributed.init()
     main = distributed.is_main()
     rcfg, retriever, split = load_run(retriever_run, data_dir)
-    out = Path(distributed.broadcast(str(begin_run(out)) if main else None))
+    out = Path(distributed.broadcast(str(begin_run(out, overwrite=overwrite, args=run_args(
+        command, rcfg))) if main else None))
     set_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    # the PALR run carries its retriever so that it is self-contained
-    if main and not (out / "retriever" / "retriever.json").exists():
-        shutil.copytree(Path(retriever_run) / "model", out / "retriever", dirs_exist_ok=True)
+    # the PALR run carries a fresh copy of its retriever so that it is self-contained
+    if main:
+        copy_tree_atomic(Path(retriever_run) / "model", out / "retriever")
     profile_of = run_profiles(split.dataset, cfg, out if main else None)
 
     # 1. instruction data: genuine candidates of the fit share of validation users and/or training prefixes;
@@ -193,13 +203,14 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type="cosine",
         eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, load_best_model_at_end=True,
         metric_for_best_model="ndcg@10", greater_is_better=True, logging_steps=50,
-        seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not progress,
+        seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not progress_enabled(progress),
     )
     trainer_cls = _trainer_class()
     trainer = trainer_cls(model=model, args=args, train_dataset=rows, eval_dataset=rows[:1],
                           data_collator=lambda b: collate(b, tok.pad_token_id), processing_class=tok)
     trainer.palr_cfg, trainer.palr_valid, trainer.palr_builder = cfg, vs, builder
     trainer.palr_losses, trainer.palr_curve = [], []
+    quiet_trainer_logs(trainer)
     last = _last_checkpoint(ckpt) if resume else None
     if last:
         log.info("resuming from %s", last)
@@ -210,11 +221,13 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
     # 4. save the best model (full weights for mini, adapter only for LoRA)
     llm_dir = out / ("llm" if cfg.base_model == "mini" else "adapter")
     if main:
-        shutil.rmtree(llm_dir, ignore_errors=True)
-        model.save_pretrained(llm_dir)
-        tok.save_pretrained(llm_dir)
-        if cfg.base_model == "mini":
-            shutil.copy(out / "base" / "palr_mini.json", llm_dir / "palr_mini.json")
+        def save(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            if cfg.base_model == "mini":
+                shutil.copy(out / "base" / "palr_mini.json", tmp / "palr_mini.json")
+
+        build_dir_atomic(llm_dir, save)  # never a half-written model folder
 
     # 5. fusion kind and weight on (up to cfg.weight_users) validation users, never on test
     from palr.llm.hf import HFLLM
@@ -252,7 +265,8 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
                    "seconds": round(time.perf_counter() - t_start, 1)}
         shutil.rmtree(ckpt, ignore_errors=True)  # the best weights are saved; checkpoints were for resuming
         config = {"finetune": {**asdict(cfg), "examples": asdict(cfg.examples)}, "retriever_run": str(retriever_run),
-                  "retriever": rcfg["config"], "ranking": ranking, "data_dir": str(data_dir or "")}
+                  "retriever": rcfg["config"], "ranking": ranking, "data_dir": str(data_dir or ""),
+                  "data": rcfg["config"].get("data")}
         finish_run(out, "palr", split.dataset, config, metrics)
         log.info("PALR run %s: held-out valid NDCG@10 fused %.4f (LLM %.4f, retriever %.4f, weight %s)%s", out,
                  final["ndcg@10"], final["ndcg@10_llm"], final["ndcg@10_retriever"], final["weight"],
@@ -263,6 +277,13 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
     return out
 
 
+def run_args(command: FinetuneCommand, rcfg: dict[str, Any]) -> dict[str, Any]:
+    """What a PALR run directory must match to be reused: the options and the retriever run's identity."""
+    return {**flat(command), "run": str(command.run.resolve()),
+            "_retriever_digest": tree_digest(command.run / "model"),
+            "_dataset_fingerprint": rcfg["dataset"]["fingerprint"]}
+
+
 def downsample(values: list[float], points: int = 200) -> list[list[float]]:
     """[[batch, mean loss of the batches up to the next point], ...]: at most ``points`` points of a loss curve."""
     if not values:
@@ -271,11 +292,35 @@ def downsample(values: list[float], points: int = 200) -> list[list[float]]:
     return [[float(b + 1), round(float(np.mean(values[b:b + step])), 5)] for b in range(0, len(values), step)]
 
 
+def checkpoint_complete(path: Path) -> bool:
+    """A Trainer checkpoint is complete when its trainer_state.json (written last) exists and every
+    safetensors file in it is whole (header readable, data as long as the header says)."""
+    if not (path / "trainer_state.json").is_file():
+        return False
+    for f in path.glob("*.safetensors"):
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if f.stat().st_size < 8 + n + end:
+                return False
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+    return True
+
+
 def _last_checkpoint(ckpt: Path) -> Path | None:
+    """The newest complete checkpoint; torn ones (a kill during a save) are removed."""
     if not ckpt.is_dir():
         return None
     found = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return found[-1] if found else None
+    for p in reversed(found):
+        if checkpoint_complete(p):
+            return p
+        log.warning("removing incomplete checkpoint %s (interrupted during a save)", p)
+        shutil.rmtree(p, ignore_errors=True)
+    return None
 
 
 def read_ranking(run: str | Path) -> dict[str, Any]:

@@ -14,60 +14,18 @@ epoch by validation NDCG@10 (ranking metrics on validation users) is kept.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from palr.config import FinetuneConfig
 from palr.data.dataset import Split
-from palr.finetune.data import Example, ExampleConfig
+from palr.finetune.data import Example
 from palr.ranking import FUSION_GRID, PromptBuilder, Ranker, choose_weight, fuse, positional_ranks
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FinetuneConfig:
-    """Every knob of `palr finetune` (saved in the run's config.json)."""
-
-    base_model: str = "mini"  # "mini" or a local path / hub id of a causal LM
-    lora_r: int = 0  # 0: full fine-tuning (mini); pretrained models default to r=8
-    lora_alpha: int = 16
-    style: str = ""  # "tokens" (mini) or "text"; empty: decided by the base model
-    tasks: tuple[str, ...] = ("verbalizer",)
-    epochs: float = 3.0
-    lr: float = 0.0  # 0: 2e-3 for mini, 2e-4 for LoRA
-    batch_size: int = 32
-    grad_accum: int = 1
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    listwise_weight: float = 1.0
-    valid_users: int = 1000  # validation users scored after every epoch
-    weight_users: int = 5000  # validation users on which the fusion weight is finally chosen
-    max_length: int = 1024
-    examples: ExampleConfig = field(default_factory=ExampleConfig)
-    mini_layers: int = 2
-    mini_dim: int = 64
-    mini_heads: int = 4
-    mini_vocab: int = 2048
-    init_from_retriever: bool = True
-    item_init: str = "hybrid"  # item tokens start from: "retriever", "text", "hybrid" (half each), "none"
-    holdout: float = 0.2  # share of validation users held out: epoch, fusion and feature-ranker choices
-    feature_ranker: bool = True  # fuse with the gradient-boosted feature ranker (weight chosen on the held-out share)
-    text_encoder: str = "auto"  # item text embeddings (features, hybrid init): auto, minilm, tfidf
-    pretrain_epochs: int = 3  # mini only: next-item language modelling on the training sequences first
-    profiles: bool = True
-    profiler: str = "attributes"  # or "llm:SPEC": the profiles in prompts (ranking reads the same, see RankingConfig)
-    seed: int = 0
-
-    def resolved(self) -> FinetuneConfig:
-        mini = self.base_model == "mini"
-        style = self.style or ("tokens" if mini else "text")
-        lr = self.lr or (2e-3 if mini else 2e-4)
-        lora = self.lora_r if (self.lora_r or mini) else 8
-        return FinetuneConfig(**{**asdict(self), "style": style, "lr": lr, "lora_r": lora,
-                                 "examples": self.examples, "tasks": tuple(self.tasks)})
 
 
 # ---------------------------------------------------------------------------- model set-up
@@ -81,14 +39,25 @@ def build_base(cfg: FinetuneConfig, split: Split, out: Path, retriever: Any,
 
     if cfg.base_model == "mini":
         from palr.llm.mini import build_mini, item_token_ids
+        from palr.runs import build_dir_atomic
 
         base_dir = out / "base"
+
+        def build(tmp: Path) -> None:
+            build_mini(split.dataset.catalog, tmp, vocab_size=cfg.mini.vocab, item_tokens=True,
+                       n_layer=cfg.mini.layers, n_embd=cfg.mini.dim, n_head=cfg.mini.heads, seed=cfg.seed)
+
         if not (base_dir / "config.json").exists():
-            build_mini(split.dataset.catalog, base_dir, vocab_size=cfg.mini_vocab, item_tokens=True,
-                       n_layer=cfg.mini_layers, n_embd=cfg.mini_dim, n_head=cfg.mini_heads, seed=cfg.seed)
-        tok = AutoTokenizer.from_pretrained(base_dir)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        vectors = initial_item_vectors(cfg.item_init if cfg.init_from_retriever else "none", cfg.mini_dim,
+            build_dir_atomic(base_dir, build)  # a kill while building leaves no half-written base/
+        try:
+            tok = AutoTokenizer.from_pretrained(base_dir)
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        except Exception as e:  # noqa: BLE001 - a damaged base/ (written by an older palr) is rebuilt
+            log.warning("rebuilding %s: it does not load (%s)", base_dir, type(e).__name__)
+            build_dir_atomic(base_dir, build)
+            tok = AutoTokenizer.from_pretrained(base_dir)
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        vectors = initial_item_vectors(cfg.item_init if cfg.init_from_retriever else "none", cfg.mini.dim,
                                        getattr(retriever, "item_vectors", lambda: None)(), text_emb)
         if vectors is not None:
             init_item_embeddings(model, item_token_ids(tok, split.n_items), vectors)
@@ -165,7 +134,8 @@ def training_arguments(**kw: Any) -> Any:
         kw.setdefault("ddp_backend", "gloo")
     if distributed.world_size() > 1:
         kw.setdefault("ddp_find_unused_parameters", False)  # palr_loss uses every trainable weight
-    base = {"report_to": [], "remove_unused_columns": False, "dataloader_num_workers": 0}
+    base = {"report_to": [], "remove_unused_columns": False, "dataloader_num_workers": 0,
+            "dataloader_pin_memory": False}  # no pinned memory on a CPU (torch warned on every fine-tune)
     return TrainingArguments(**{**base, **kw})
 
 
@@ -201,6 +171,8 @@ def pretrain_sequences(model: Any, tok: Any, split: Split, builder: PromptBuilde
     """
     import tempfile
 
+    from palr.console import progress_enabled
+
     if epochs <= 0:
         return []
     rows = pretrain_rows(tok, split, builder, window)
@@ -209,14 +181,29 @@ def pretrain_sequences(model: Any, tok: Any, split: Split, builder: PromptBuilde
             output_dir=str(output_dir or tmp), num_train_epochs=epochs, learning_rate=lr,
             per_device_train_batch_size=batch_size, weight_decay=0.01, max_grad_norm=1.0,
             lr_scheduler_type="constant", warmup_steps=0, eval_strategy="no", save_strategy="no",
-            logging_strategy="no", seed=seed, data_seed=seed, disable_tqdm=not progress)
+            logging_strategy="no", seed=seed, data_seed=seed, disable_tqdm=not progress_enabled(progress))
         trainer = lm_trainer_class()(model=model, args=args, train_dataset=rows,
                                      data_collator=lambda b: collate(b, tok.pad_token_id))
+        quiet_trainer_logs(trainer)
         trainer.train()
     model.eval()
     log.info("pretraining: %d sequences, %d steps per process, loss per epoch %s", len(rows),
              trainer.state.global_step, [round(x, 4) for x in trainer.epoch_losses])
     return trainer.epoch_losses
+
+
+def quiet_trainer_logs(trainer: Any) -> None:
+    """The Trainer's log dicts go to the run's log file (INFO), not printed under the progress bar."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
+
+    def on_log(self: Any, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        if logs:
+            log.info("step %d: %s", state.global_step,
+                     ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()))
+
+    had_bar = trainer.pop_callback(ProgressCallback) is not None
+    trainer.pop_callback(PrinterCallback)
+    trainer.add_callback(type("LogToFile", (ProgressCallback if had_bar else TrainerCallback,), {"on_log": on_log}))
 
 
 def lm_trainer_class() -> Any:

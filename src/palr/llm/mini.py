@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from palr.config import MiniConfig
 from palr.data.dataset import Catalog
 from palr.errors import PalrError
 from palr.prompts import item_token, label_token
@@ -91,9 +92,9 @@ def _corpus(source: Catalog | Sequence[str], n_prompts: int, seed: int) -> Itera
         yield prompts.profile_prompt(cat, hist)
 
 
-def build_mini(source: Catalog | Sequence[str], out_dir: str | Path, *, vocab_size: int = 4096,
-               item_tokens: bool = True, n_label_tokens: int = 64, n_layer: int = 4, n_embd: int = 192,
-               n_head: int = 4, intermediate_size: int | None = None, max_position: int = 1024,
+def build_mini(source: Catalog | Sequence[str], out_dir: str | Path, *, vocab_size: int = MiniConfig.vocab,
+               item_tokens: bool = True, n_label_tokens: int = 64, n_layer: int = MiniConfig.layers,
+               n_embd: int = MiniConfig.dim, n_head: int = MiniConfig.heads, intermediate_size: int | None = None, max_position: int = 1024,
                n_prompts: int = 300, seed: int = 0) -> Path:
     """Train the tokenizer, create a seeded random LLaMA, save both in Hugging Face format under ``out_dir``.
 

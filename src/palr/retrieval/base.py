@@ -7,7 +7,9 @@ Top-k selection and history exclusion live in :func:`palr.evaluation.top_k`, the
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -61,6 +63,36 @@ def retriever_class(name: str) -> Callable[..., Retriever]:
         raise KeyError(f"unknown retriever {name!r}; known: {', '.join(sorted(REGISTRY))}")
     module, cls = REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def param_types(name: str) -> dict[str, Any]:
+    """A retriever's hyper-parameters and their types: from its ``defaults`` (and ``param_types`` for the
+    ones whose default is None, i.e. chosen from the data) or from its ``__init__`` signature."""
+    cls = retriever_class(name)
+    defaults = getattr(cls, "defaults", None)
+    if defaults is not None:
+        declared = getattr(cls, "param_types", {})
+        return {k: declared.get(k, type(v) if v is not None else Any) for k, v in defaults.items()}
+    hints = typing.get_type_hints(cls.__init__)
+    return {p: hints.get(p, Any) for p in inspect.signature(cls.__init__).parameters if p != "self"}
+
+
+def check_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` checked against the retriever's typed hyper-parameters (ConfigError naming the valid keys)."""
+    from palr.errors import ConfigError
+    from palr.options import convert, unknown_key_error
+
+    try:
+        types_ = param_types(name)
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key not in types_:
+            raise unknown_key_error(key, list(types_), f"--param {key}={value} ({name})")
+        t = types_[key]
+        out[key] = value if t is Any else convert(t | None if value is None else t, value, f"--param {key} ({name})")
+    return out
 
 
 def make_retriever(name: str, **params: Any) -> Retriever:

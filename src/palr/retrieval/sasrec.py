@@ -12,15 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting threads crawl on a shared 2-core machine
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -228,6 +225,8 @@ def train_sasrec(net: SASRecNet, train: Sequence[np.ndarray], n_items: int, c: d
     from tqdm.auto import tqdm
 
     dev = net.items.weight.device
+    from palr.console import progress_enabled
+
     rng = np.random.default_rng(int(c["seed"]))
     windows_np, lengths_np = training_windows(train, int(c["max_len"]))
     windows, lengths = torch.from_numpy(windows_np).to(dev), torch.from_numpy(lengths_np).to(dev)
@@ -240,7 +239,7 @@ def train_sasrec(net: SASRecNet, train: Sequence[np.ndarray], n_items: int, c: d
     history: list[dict[str, Any]] = []
     smooth = float(c["smooth"])
     best, tracked, best_state, waited = -1.0, None, None, 0
-    bar = tqdm(range(1, int(c["epochs"]) + 1), desc="sasrec", disable=not progress)
+    bar = tqdm(range(1, int(c["epochs"]) + 1), desc="sasrec", disable=not progress_enabled(progress))
     for epoch in bar:
         net.train()
         t0, total, steps = time.perf_counter(), torch.zeros((), device=dev), 0
@@ -304,6 +303,8 @@ class SASRec:
 
     name: ClassVar[str] = "sasrec"
     defaults: ClassVar[dict[str, Any]] = DEFAULTS
+    param_types: ClassVar[dict[str, Any]] = {k: int for k in ("hidden", "heads", "max_len", "batch_size", "epochs",
+                                                              "patience")}  # None by default: from the data
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(DEFAULTS))

