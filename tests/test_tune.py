@@ -22,9 +22,10 @@ def test_tune_sasrec_saves_best_run_and_trials(synth_split: Split, tmp_path: Pat
     space = {"dropout": {"type": "float", "low": 0.0, "high": 0.3}, "lr": {"type": "float", "low": 1e-3,
                                                                           "high": 1e-2, "log": True}}
     # two good settings first, then a hopeless one (lr 1e-7): the median pruner stops it on its curve
+    # (trials=3 ends the search; the budget is only a guard, generous for a loaded machine)
     first = [{"dropout": 0.1, "lr": 1e-2}, {"dropout": 0.2, "lr": 5e-3}, {"dropout": 0.1, "lr": 1e-7}]
     space["lr"]["low"] = 1e-7
-    res = tune("synthetic", "sasrec", tmp_path / "t", budget_s=60, trials=3, space=space, fixed=TINY,
+    res = tune("synthetic", "sasrec", tmp_path / "t", budget_s=900, trials=3, space=space, fixed=TINY,
                split=synth_split, enqueue=first)
     rows = list(csv.DictReader((tmp_path / "t" / "trials.csv").open()))
     assert len(rows) == len(res.trials) == 3 and {"dropout", "lr", "hidden"} <= set(rows[0])
