@@ -17,7 +17,7 @@ from palr.cli import app
 from palr.data import load_split
 from palr.errors import PalrError
 from palr.evaluation import compare_metrics, per_user_metrics
-from palr.evaluation.report import comparison_pairs, parse_seeds
+from palr.evaluation.report import comparison_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,10 +133,14 @@ def test_baseline_option_and_pairs() -> None:
     assert comparison_pairs(["a", "b", "c"], "c") == [("a", "c"), ("b", "c")]
     with pytest.raises(PalrError):
         comparison_pairs(["a", "b"], "z")
-    assert parse_seeds("0, 1,2") == [0, 1, 2]
-    for bad in ("0,x", "1,1", ""):
-        with pytest.raises(PalrError):
-            parse_seeds(bad)
+
+
+def test_bad_seeds_are_refused(tmp_path: Path) -> None:
+    csv_path = write_synthetic_csv(tmp_path / "inter.csv", seed=2)
+    for bad in ("1,1", "0,x"):
+        res = CliRunner().invoke(app, ["evaluate", "-d", f"csv:{csv_path}", "-r", "popularity", "--seeds", bad,
+                                       "--out", str(tmp_path / "r.json")])
+        assert res.exit_code != 0 and not (tmp_path / "r.json").exists()
 
 
 def test_seeds_report_mean_and_sd(tmp_path: Path) -> None:

@@ -215,14 +215,3 @@ def seeds_table(summary: Mapping[str, Any], stage: Stage = "test",
         m = by_stage.get(stage, {})
         table.add_row(model, *(f"{m[c]['mean']:.4f} ± {m[c]['sd']:.4f}" if c in m else "" for c in columns))
     return table
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'0,1,2' -> [0, 1, 2]."""
-    try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise PalrError(f"--seeds expects comma-separated integers, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise PalrError(f"--seeds expects distinct comma-separated integers, got {text!r}")
-    return seeds
