@@ -104,6 +104,8 @@ def test_llm_profile_trims_a_long_list_to_grounded_keywords():
     assert "horror movies" in p.note  # said what was dropped
     kept, dropped = grounded_keywords(p.keywords, ds.catalog, ds.sequences[0])
     assert kept == p.keywords and not dropped
+    [p] = LLMProfiler(FixedLLM("1990s, 1980s")).profile_many(["u1"], [ds.sequences[0]], ds.catalog)
+    assert p.source == "llm" and p.keywords == ["1990s"]  # a decade of the history is a keyword; 1980s is not
     # grounding is per history: u2 (comedies, adventure) has no crime
     assert grounded_keywords(["crime movies", "comedies"], ds.catalog, ds.sequences[1]) == (["comedies"], ["crime movies"])
 

@@ -273,7 +273,7 @@ def _check_answer(answer: str, prompt: str, max_chars: int, max_keywords: int, c
         return [], "answer echoes the prompt", []
     keywords = [clean_text(k).strip(" .'*-") for k in re.split(r"[,;]", text[: 4 * max_chars])]
     keywords = [k for k in dict.fromkeys(keywords) if k]
-    words_ok = [k for k in keywords if len(k.split()) <= 6 and sum(ch.isalpha() for ch in k) >= max(2, len(k) // 2)]
+    words_ok = [k for k in keywords if len(k.split()) <= 6 and sum(ch.isalnum() for ch in k) >= max(2, len(k) // 2)]
     kept, dropped = grounded_keywords(words_ok, catalog, history)
     dropped += [k for k in keywords if k not in words_ok]
     kept = kept[:max_keywords]
