@@ -468,6 +468,7 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     pairs = [("PALR (end to end)", f"{retr_name} (retriever)"),
              ("LLM alone (end to end)", f"{retr_name} (retriever)"),
              ("PALR (target retrieved)", f"{retr_name} (target retrieved)")]
+    pairs = [(a, b) for a, b in pairs if len(per_user_ranks[a][stage])]  # no target retrieved: nothing to pair
     return {"results": results, "timings": timings, "order": g["order"], "retriever_predictions": g["retr_predictions"],
             "users": everyone, "targets": g["targets"], "ranks": per_user_ranks,
             "comparisons": compare_ranks(per_user_ranks, pairs, ks), "llm_failures": int(g["failed"].sum()),
