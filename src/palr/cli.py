@@ -88,7 +88,7 @@ def tune(cfg: C.TuneConfig) -> None:
 
     res = run_tune(cfg.data.dataset, cfg.retriever, cfg.out, budget_s=cfg.budget, trials=cfg.trials, seed=cfg.seed,
                    pruner=cfg.pruner, space=load_space_file(cfg.space, cfg.retriever) if cfg.space else None,
-                   fixed=cfg.params, data_dir=cfg.data.data_dir, split=load_split(cfg.data))
+                   fixed=cfg.params, data_dir=cfg.data.data_dir, split=load_split(cfg.data), data=cfg.data.resolved())
     states = [t["state"] for t in res.trials]
     console.print(escape(f"{len(states)} trials ({states.count('complete')} complete, {states.count('pruned')} "
                          f"pruned); trial table {res.out / 'trials.csv'}"))

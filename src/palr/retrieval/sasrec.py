@@ -303,8 +303,9 @@ class SASRec:
 
     name: ClassVar[str] = "sasrec"
     defaults: ClassVar[dict[str, Any]] = DEFAULTS
-    param_types: ClassVar[dict[str, Any]] = {k: int for k in ("hidden", "heads", "max_len", "batch_size", "epochs",
-                                                              "patience")}  # None by default: from the data
+    param_types: ClassVar[dict[str, Any]] = {  # None by default: from the data
+        **{k: int for k in ("hidden", "heads", "max_len", "batch_size", "epochs", "patience")},
+        "dropout": float, "lr": float}
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(DEFAULTS))

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from palr.config import DataSpec
 from palr.data import Split, load_split
 from palr.errors import PalrError
 from palr.evaluation import evaluate_retriever
@@ -172,10 +173,12 @@ def suggest(trial: Any, space: dict[str, Any]) -> dict[str, Any]:
 def tune(dataset: str, retriever: str, out: str | Path, *, budget_s: float = 600.0, trials: int | None = None,
          space: dict[str, Any] | None = None, fixed: dict[str, Any] | None = None, seed: int = 0,
          pruner: str = "median", data_dir: str | Path | None = None, split: Split | None = None,
-         enqueue: list[dict[str, Any]] | None = None, progress: bool = False) -> TuneResult:
+         enqueue: list[dict[str, Any]] | None = None, data: DataSpec | None = None,
+         progress: bool = False) -> TuneResult:
     """Search ``retriever``'s hyper-parameters on validation NDCG@10 within ``budget_s`` seconds.
 
     ``enqueue``: parameter sets tried first, in order (e.g. the current defaults), before the sampler's.
+    ``data``: the data spec (``csv:`` columns, items file) saved with the best run, as ``palr train`` does.
     """
     import optuna
 
@@ -229,7 +232,8 @@ def tune(dataset: str, retriever: str, out: str | Path, *, budget_s: float = 600
             with log_to(run / "train.log"):
                 log.info("tune %s on %s: trial %d, valid NDCG@10 %.5f, params %s", retriever, split.dataset.name,
                          trial.number, value, json.dumps(params, sort_keys=True))
-            save_retriever_run(run, model, split, retriever, seed=seed, data_dir=data_dir, fit_s=fit_s, valid=val)
+            save_retriever_run(run, model, split, retriever, seed=seed, data_dir=data_dir, fit_s=fit_s, valid=val,
+                               data=data)
             best.update(value=value, run=run, params=model.params(), trial=trial.number)
         return value
 
