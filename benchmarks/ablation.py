@@ -6,13 +6,14 @@ PALR ranker (LLM fused with the feature ranker), and PALR with each change switc
 Every model is scored on the same test users (all of them unless --users), end to end (a target outside the
 retriever's top-50 is a miss); per-user NDCG@10/HR@10 give paired-bootstrap 95% CIs
 (``palr.evaluation.paired_bootstrap``) of the ratio to SASRec and of PALR to the feature ranker. Variants:
-  full           the default: genuine validation candidates, hybrid ID+text item tokens, profiles, fused with
-                 the feature ranker (also scored with the fusion off: "LLM ranker alone")
+  default        palr finetune's defaults
+  full           genuine validation candidates, hybrid ID+text item tokens, profiles, fused with the feature
+                 ranker (also scored with the fusion off: "LLM ranker alone"; the RESULTS.md tables of issue 11)
   prefixes       training-prefix candidates instead of genuine ones (the old data)
   both           genuine + prefix candidates
   retriever_init item tokens from SASRec's ID embeddings only (no text)
   no_profiles    no profile in the prompt
-  old            all of the above off: prefixes, ID init (the PALR of RESULTS.md before issue 11)
+  old            all of the above off: prefixes, ID init, no feature ranker (the PALR before issue 11)
   dim128, layers4, hist50   the embedded model wider, deeper, or with 50 history items in the prompt
 Writes DIR/ablation.json (figures, CIs, seconds to fine-tune, ms per user to rank) and prints markdown rows.
 """
@@ -36,23 +37,29 @@ from palr.finetune.train import FinetuneConfig
 from palr.pipeline import PALR, evaluate_palr
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "full": {},
-    "prefixes": {"source": "prefixes"},
-    "both": {"source": "both"},
-    "retriever_init": {"item_init": "retriever"},
-    "no_profiles": {"profiles": False},
+    "default": {},  # the current defaults (chosen on held-out validation users)
+    "full": {"source": "valid", "item_init": "hybrid"},
+    # each of these switches one thing of "full" off
+    "prefixes": {"source": "prefixes", "item_init": "hybrid"},
+    "both": {"source": "both", "item_init": "hybrid"},
+    "retriever_init": {"source": "valid", "item_init": "retriever"},
+    "no_profiles": {"source": "valid", "item_init": "hybrid", "profiles": False},
     "old": {"source": "prefixes", "item_init": "retriever", "feature_ranker": False},
     # sizing of the embedded model (chosen on held-out validation users, see metrics.json)
-    "dim128": {"mini_dim": 128},
-    "layers4": {"mini_layers": 4},
+    "dim128": {"mini": {"dim": 128}},
+    "layers4": {"mini": {"layers": 4}},
     "hist50": {"history_len": 50},
 }
 EXAMPLE_KEYS = {"source", "history_len"}
 
 
 def config_for(variant: str, seed: int) -> FinetuneConfig:
-    opts = VARIANTS[variant]
+    from palr.config import MiniConfig
+
+    opts = dict(VARIANTS[variant])
     ex = ExampleConfig(seed=seed, **{k: v for k, v in opts.items() if k in EXAMPLE_KEYS})
+    if "mini" in opts:
+        opts["mini"] = MiniConfig(**opts["mini"])
     return FinetuneConfig(seed=seed, examples=ex, **{k: v for k, v in opts.items() if k not in EXAMPLE_KEYS})
 
 

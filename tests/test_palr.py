@@ -231,11 +231,16 @@ def test_a_failing_llm_keeps_the_retriever_order(tiny_run: dict) -> None:
     res = llm_ranker.rank(hist, [None] * 3, cands)
     assert res.failed.all() and res.notes
     assert res.order.tolist() == cands.tolist()
-    # fused with the feature ranker (weight forced above 0): the feature ranker's order stands
-    assert palr.ranker.mode == "verbalizer+features"
-    res = palr.ranker.rank(hist, [None] * 3, cands, sc, weight=1.0)
-    assert res.failed.all() and res.notes
-    assert res.order.tolist() == palr.ranker.features.rank(hist, None, cands, sc).order.tolist()
+    # fused with the run's feature ranker (weight above 0): the feature ranker's order stands
+    from palr.feature_ranker import FeatureRanker
+    from palr.fusion import FusedRanker
+
+    fused = FusedRanker(llm_ranker, FeatureRanker.load(tiny_run["palr"] / "feature_ranker"), 1.0)
+    assert fused.mode == "verbalizer+features"
+    before = fused.failed_users  # the inner LLM ranker's 3 above
+    res = fused.rank(hist, [None] * 3, cands, sc)
+    assert res.failed.all() and res.notes and fused.failed_users == before + 3
+    assert res.order.tolist() == fused.features.rank(hist, None, cands, sc).order.tolist()
 
 
 def test_the_embedded_model_served_over_openai_ranks_as_the_local_one(tiny_run: dict) -> None:
@@ -414,3 +419,6 @@ def test_finetune_trains_no_held_out_user_and_chooses_on_them(tiny_run: dict) ->
     m = json.loads((prun / "metrics.json").read_text())["valid"]
     assert m["features"]["users"] == len(held)  # the fusion weight was chosen on the held-out users
     assert m["features"]["trees"]["holdout_users"] == len(held)
+    # the run ranks with the fused ranker only if it beat the LLM + retriever fusion on those users
+    ranking = json.loads((prun / "ranking.json").read_text())
+    assert bool(ranking["features"]) == (m["features"]["ndcg@10"] > m["ndcg@10"]) == m["features"]["chosen"]

@@ -294,9 +294,9 @@ class ExampleConfig:
     genre_negatives: int = field(default=5, metadata=opt("Same-genre/category items among the candidates."))
     cooc_negatives: int = field(default=5, metadata=opt("Items co-occurring with the target in training."))
     swap_prob: float = field(default=0.0, metadata=opt("Item-swap augmentation probability (paper's idea)."))
-    source: Literal["valid", "prefixes", "both"] = field(default="valid", metadata=opt(
-        "Training examples: valid (genuine candidates of validation users; a held-out share trains nothing), "
-        "prefixes (training-sequence prefixes), both."))
+    source: Literal["valid", "prefixes", "both"] = field(default="prefixes", metadata=opt(
+        "Training examples: prefixes (training-sequence prefixes; chosen on held-out validation users, issue 11), "
+        "valid (genuine candidates of validation users), both. A held-out share of validation users never trains."))
     seed: int = field(default=0, metadata=opt("", internal=True))  # set from FinetuneConfig.seed
 
     def __post_init__(self) -> None:
@@ -332,8 +332,8 @@ class FinetuneConfig:
     mini: MiniConfig = field(default_factory=MiniConfig, metadata=opt("", prefix="mini_"))
     init_from_retriever: bool = field(default=True, metadata=opt(
         "Mini: item token embeddings start from --item-init (off: random)."))
-    item_init: Literal["hybrid", "retriever", "text", "none"] = field(default="hybrid", metadata=opt(
-        "Mini item tokens start from: hybrid (retriever ID + text embeddings), retriever, text, none."))
+    item_init: Literal["hybrid", "retriever", "text", "none"] = field(default="retriever", metadata=opt(
+        "Mini item tokens start from: retriever (its ID embeddings), hybrid (ID + text embeddings), text, none."))
     holdout: float = field(default=0.2, metadata=opt(
         "Share of validation users held out for choices (epoch, fusion, feature ranker)."))
     feature_ranker: bool = field(default=True, metadata=opt(

@@ -2,7 +2,8 @@
 
 ``score = trees(features) + w * log_softmax(LLM log-probs over the candidates)``; ``w`` is chosen on the
 **held-out validation users** (the share that trained neither the trees nor the LLM); ``w = 0`` is the
-feature ranker alone, and the table of every ``w`` is kept in the run. If the LLM fails for a user, the
+feature ranker alone, and the table of every ``w`` is kept in the run. A run ranks this way only when it
+beats the LLM fused with the retriever's rank on those users (``metrics.json``: ``features.chosen``). If the LLM fails for a user, the
 feature ranker's order stands and the result says so.
 """
 

@@ -10,7 +10,11 @@ users recognise, plus the fields palr's trainer uses (``candidates``, ``target``
 
 Training examples come from two sources (``ExampleConfig.source``):
 
-* ``valid`` (genuine candidates, the default): the validation users of the *fit share* (the held-out share,
+The default is ``prefixes``: on held-out validation users of ml-100k and ml-latest-small the PALR with prefix
+examples beat ``both`` and ``valid`` (one genuine example per user is too little data for the embedded model;
+benchmarks/RESULTS.md, issue 11). Genuine candidates stay one flag away, leak-checked.
+
+* ``valid`` (genuine candidates): the validation users of the *fit share* (the held-out share,
   :func:`palr.feature_ranker.split_users`, never trains; it picks the epoch and the fusion), history = the
   training sequence, target = the validation item, candidates = the retriever's own top-K for that
   history -- the retriever was fitted on the training split, so the validation item was not in its

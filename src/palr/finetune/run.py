@@ -243,8 +243,11 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         fcfg = FeatureRankerConfig(n_candidates=K, holdout=cfg.holdout, text_encoder=cfg.text_encoder, seed=cfg.seed)
         franker, fmetrics = fit_feature_ranker(split, valid_cands, fcfg, features=feats)  # deterministic
         table = held_out_table(Ranker(llm, builder), franker, vs_all)
-        features_doc = {"dir": "feature_ranker", "weight": table["weight"]}
-        final["features"] = {**table, "trees": fmetrics}
+        # the run ranks with the fused PALR ranker only when it beats the LLM fused with the retriever on the
+        # held-out users (ties: the simpler LLM + retriever); the trees are kept in the run either way
+        chosen = table["ndcg@10"] > final["ndcg@10"]
+        features_doc = {"dir": "feature_ranker", "weight": table["weight"]} if chosen else None
+        final["features"] = {**table, "trees": fmetrics, "chosen": chosen}
         if main:
             franker.save(out / "feature_ranker")
     distributed.barrier()  # every process is done with the checkpoints

@@ -114,7 +114,7 @@ def init_item_embeddings(model: Any, token_ids: np.ndarray, vectors: np.ndarray)
     with torch.no_grad():
         emb[torch.as_tensor(token_ids)] = 0.0
         emb[torch.as_tensor(token_ids), :d] = v
-    log.info("initialised %d item tokens from the retriever's %d-d item embeddings", len(token_ids), vectors.shape[1])
+    log.info("initialised %d item tokens from %d-d item vectors", len(token_ids), vectors.shape[1])
 
 
 def training_arguments(**kw: Any) -> Any:
