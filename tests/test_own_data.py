@@ -114,3 +114,17 @@ def test_incomplete_run_is_refused_by_recommend_and_serve(shop: dict, capsys: py
     for cmd in (["recommend", "--run", str(broken), "--user", "c3"], ["serve", "--run", str(broken), "--port", "1"]):
         code, _, err = palr(*cmd, capsys=capsys)
         assert code == 2 and "is not a complete run (no run.json)" in err and err.count("\n") == 1, err
+
+
+def test_tuned_run_of_own_data_loads_from_elsewhere(shop: dict, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """palr tune's best run carries the data spec too (it was saved with the default column names)."""
+    pytest.importorskip("optuna")
+    monkeypatch.chdir(shop["A"])
+    code, _, err = palr("tune", "--dataset", "csv:inter.csv", "--user-col", "customer_id", "--item-col", "sku",
+                        "--time-col", "ts", "--items-file", "items.csv", "--title-col", "name", "-r", "popularity",
+                        "--out", "tuned", "--budget", "60", capsys=capsys)
+    assert code == 0, err
+    monkeypatch.chdir(shop["B"])
+    code, _, err = palr("evaluate", "../A/tuned/best", "--out", "t.json", capsys=capsys)
+    assert code == 0, err
