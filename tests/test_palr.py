@@ -422,3 +422,23 @@ def test_finetune_trains_no_held_out_user_and_chooses_on_them(tiny_run: dict) ->
     # the run ranks with the fused ranker only if it beat the LLM + retriever fusion on those users
     ranking = json.loads((prun / "ranking.json").read_text())
     assert bool(ranking["features"]) == (m["features"]["ndcg@10"] > m["ndcg@10"]) == m["features"]["chosen"]
+
+
+def test_no_llm_alone_row_when_the_llm_is_not_consulted(tiny_run: dict) -> None:
+    """A fused ranker whose LLM weight is 0 never runs the LLM: its evaluation has no "LLM alone" figures (they
+    would be the retriever's order under another name); with a weight above 0 the row is there."""
+    from palr.feature_ranker import FeatureRanker
+    from palr.fusion import FusedRanker
+    from palr.pipeline import PALR, evaluate_palr
+
+    palr = PALR.load(tiny_run["palr"])
+    llm_ranker = getattr(palr.ranker, "llm_ranker", palr.ranker)
+    features = FeatureRanker.load(tiny_run["palr"] / "feature_ranker")
+    users = np.arange(12)
+    palr.ranker = FusedRanker(llm_ranker, features, 0.0)
+    doc = evaluate_palr(palr, progress=False, latency_users=1, users=users)
+    assert "LLM alone (end to end)" not in doc["results"] and "LLM alone (end to end)" not in doc["ranks"]
+    assert not any(k.startswith("LLM alone") for k in doc["comparisons"])
+    palr.ranker = FusedRanker(llm_ranker, features, 1.0)
+    doc = evaluate_palr(palr, progress=False, latency_users=1, users=users)
+    assert "LLM alone (end to end)" in doc["results"]

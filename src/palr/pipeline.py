@@ -426,7 +426,9 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
         fused[failed_mask] = retriever_prior(cands.shape, cscores, fusion)[failed_mask]
     order, _ = order_by(fused, cands)
     ranks_part = positional_ranks(fused, cands, targets)
-    no_llm = own and not np.isfinite(lp).any()  # the feature ranker: "LLM alone" is itself
+    # the LLM was not consulted (the feature ranker, or a fused ranker whose LLM weight is 0): no "LLM alone" row,
+    # which would otherwise be the retriever's order relabelled
+    no_llm = own and (float(palr.ranker.weight) == 0.0 or not np.isfinite(lp).any())
     part = {"order": order, "ranks": ranks_part,
             "llm_ranks": ranks_part if no_llm else
             _fused_ranks(lp, failed_mask, cands, cscores, targets, 0.0, "rank" if own else fusion),
@@ -468,6 +470,10 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     pairs = [("PALR (end to end)", f"{retr_name} (retriever)"),
              ("LLM alone (end to end)", f"{retr_name} (retriever)"),
              ("PALR (target retrieved)", f"{retr_name} (target retrieved)")]
+    if no_llm:
+        for d in (results, per_user_ranks):
+            d.pop("LLM alone (end to end)")
+        pairs = [p for p in pairs if p[0] != "LLM alone (end to end)"]
     pairs = [(a, b) for a, b in pairs if len(per_user_ranks[a][stage])]  # no target retrieved: nothing to pair
     return {"results": results, "timings": timings, "order": g["order"], "retriever_predictions": g["retr_predictions"],
             "users": everyone, "targets": g["targets"], "ranks": per_user_ranks,
