@@ -11,6 +11,7 @@ bitwise the same), and :func:`gather` puts the blocks back in order on the main 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
@@ -59,8 +60,20 @@ def init(timeout_s: float = 1800.0) -> bool:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        # leave the group before the interpreter exits: a gloo group left to the C++ destructors at exit can
+        # abort the process ("terminate called without an active exception") after its work is done
+        atexit.register(_leave_group)
         log.info("rank %d of %d joined the process group (%s)", rank(), world_size(), dist.get_backend())
     return True
+
+
+def _leave_group() -> None:
+    dist = _dist()
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            log.debug("destroy_process_group failed at exit", exc_info=True)
 
 
 def barrier() -> None:
