@@ -119,3 +119,10 @@ def test_version_and_help() -> None:
     assert res.exit_code == 0 and res.output.startswith("palr ")
     res = CliRunner().invoke(app, ["train", "--help"], terminal_width=200)
     assert "--config" in res.output and "(default: sasrec)" in res.output
+
+
+def test_retriever_help_names_the_registry() -> None:
+    from palr.config import RETRIEVER_HELP
+    from palr.retrieval.base import REGISTRY
+
+    assert RETRIEVER_HELP.split(", ") == list(REGISTRY)

@@ -26,6 +26,9 @@ TASKS = ("recommend", "recommend_retrieval", "verbalizer")  # fine-tuning tasks 
 LLM_HELP = ("Rank with this LLM: hf:PATH_OR_ID, openai:MODEL@URL, mini:DIR. With a retriever run: zero-shot "
             "ranking of its candidates.")
 FALLBACK_HELP = ("Keep the retriever's order when the LLM server cannot be reached (counted), instead of stopping.")
+# the retriever registry's names (palr.retrieval.base.REGISTRY; importing it here would be circular: a test
+# checks the two agree)
+RETRIEVER_HELP = "popularity, itemknn, sasrec, als, bpr, text"
 DATASET_HELP = "ml-100k, ml-1m, ml-latest-small, amazon-<category>, or csv:PATH (CSV or Parquet)"
 
 
@@ -105,7 +108,7 @@ class TrainConfig:
     out: Path = field(metadata=opt("Run directory to create.", "-o", "--out"))
     data: DataSpec = field(default_factory=DataSpec)
     retriever: str = field(default="sasrec", metadata=opt(
-        "popularity, itemknn, sasrec, als, bpr, text", "-r", "--retriever"))
+        RETRIEVER_HELP, "-r", "--retriever"))
     params: dict[str, Any] = field(default_factory=dict, metadata=opt(
         "Retriever hyper-parameter key=value (repeatable).", "-p", "--param"))
     seed: int = field(default=0, metadata=opt("Random seed."))
@@ -125,7 +128,7 @@ class TuneConfig:
     out: Path = field(metadata=opt("Directory for trials.csv/json, study.json and best/.", "-o", "--out"))
     data: DataSpec = field(default_factory=DataSpec)
     retriever: str = field(default="sasrec", metadata=opt(
-        "popularity, itemknn, sasrec, als, bpr, text", "-r", "--retriever"))
+        RETRIEVER_HELP, "-r", "--retriever"))
     budget: float = field(default=600.0, metadata=opt("Wall-clock seconds for the whole search."))
     trials: int | None = field(default=None, metadata=opt("At most this many trials (default: until the budget)."))
     space: Path | None = field(default=None, metadata=opt("Search space file (JSON/TOML) merged over the default."))
