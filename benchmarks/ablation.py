@@ -5,7 +5,7 @@ PALR ranker (LLM fused with the feature ranker), and PALR with each change switc
 
 Every model is scored on the same test users (all of them unless --users), end to end (a target outside the
 retriever's top-50 is a miss); per-user NDCG@10/HR@10 give paired-bootstrap 95% CIs
-(``palr.evaluation.paired_bootstrap``) of the ratio to SASRec and of PALR to the feature ranker. Variants:
+(``palr.evaluate.stats.paired_bootstrap``) of the ratio to SASRec and of PALR to the feature ranker. Variants:
   default        palr finetune's defaults
   full           genuine validation candidates, hybrid ID+text item tokens, profiles, fused with the feature
                  ranker (also scored with the fusion off: "LLM ranker alone"; the RESULTS.md tables of issue 11)
@@ -29,12 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from palr.evaluation import paired_bootstrap, per_user_metrics
-from palr.feature_ranker import FeatureRankerConfig, train_feature_run
-from palr.finetune.data import ExampleConfig
-from palr.finetune.run import finetune
-from palr.finetune.train import FinetuneConfig
-from palr.pipeline import PALR, evaluate_palr
+from palr.core.metrics import per_user_metrics
+from palr.evaluate.palr import evaluate_palr
+from palr.evaluate.stats import paired_bootstrap
+from palr.rank.pipeline import PALR
+from palr.rank.trees import FeatureRankerConfig
+from palr.train.examples import ExampleConfig
+from palr.train.finetune import finetune
+from palr.train.lm import FinetuneConfig
+from palr.train.trees import train_feature_run
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},  # the current defaults (chosen on held-out validation users)
@@ -54,7 +57,7 @@ EXAMPLE_KEYS = {"source", "history_len"}
 
 
 def config_for(variant: str, seed: int) -> FinetuneConfig:
-    from palr.config import MiniConfig
+    from palr.core.settings import MiniConfig
 
     opts = dict(VARIANTS[variant])
     ex = ExampleConfig(seed=seed, **{k: v for k, v in opts.items() if k in EXAMPLE_KEYS})

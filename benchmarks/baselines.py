@@ -21,9 +21,9 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no busy-waiting threads
 
 from palr.data import data_dir, load_split
-from palr.evaluation import evaluate_retriever
-from palr.evaluation.report import compare_ranks
-from palr.retrieval.train import fit_retriever
+from palr.evaluate.retrievers import evaluate_retriever
+from palr.evaluate.tables import compare_ranks
+from palr.train.retriever import fit_retriever
 
 SECTION = "## Baselines (popularity, item-kNN)"
 DATASETS = ("ml-100k", "ml-latest-small", "amazon-beauty")

@@ -10,9 +10,9 @@ import argparse
 import json
 
 from palr.data import load_split
-from palr.evaluation import evaluate_retriever
-from palr.evaluation.report import compare_ranks
-from palr.retrieval.train import fit_retriever
+from palr.evaluate.retrievers import evaluate_retriever
+from palr.evaluate.tables import compare_ranks
+from palr.train.retriever import fit_retriever
 
 
 def main(argv: list[str] | None = None) -> int:

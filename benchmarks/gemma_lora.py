@@ -39,10 +39,11 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=10)
     args = ap.parse_args()
 
-    from palr.finetune.data import ExampleConfig
-    from palr.finetune.run import finetune
-    from palr.finetune.train import FinetuneConfig
-    from palr.pipeline import PALR, evaluate_palr
+    from palr.evaluate.palr import evaluate_palr
+    from palr.rank.pipeline import PALR
+    from palr.train.examples import ExampleConfig
+    from palr.train.finetune import finetune
+    from palr.train.lm import FinetuneConfig
 
     cfg = FinetuneConfig(base_model=args.gemma, lora=(8, 16), epochs=1.0, batch_size=4, lr=2e-4,
                          valid_users=60, weight_users=150, pretrain_epochs=0, max_length=512,

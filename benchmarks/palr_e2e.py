@@ -34,11 +34,12 @@ FT = {  # fine-tuning settings per data set (flags of `palr finetune`)
 
 
 def run(dataset: str, data_dir: str, out: Path, gen_users: int, seed: int) -> dict:
-    from palr.finetune.data import ExampleConfig
-    from palr.finetune.run import finetune
-    from palr.finetune.train import FinetuneConfig
-    from palr.pipeline import PALR, evaluate_palr
-    from palr.retrieval.train import train_run
+    from palr.evaluate.palr import evaluate_palr
+    from palr.rank.pipeline import PALR
+    from palr.train.examples import ExampleConfig
+    from palr.train.finetune import finetune
+    from palr.train.lm import FinetuneConfig
+    from palr.train.retriever import train_run
 
     rrun = out / f"{dataset}-sasrec"
     if not (rrun / "run.json").exists():  # an existing SASRec run of the same data is reused (its fit time is kept)

@@ -28,9 +28,10 @@ HERE = Path(__file__).resolve().parent
 # benchmarks/palr.py would shadow the palr package when this file is run as a script
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-from palr.evaluation import format_ratio, paired_bootstrap
-from palr.evaluation.report import read_per_user
-from palr.retrieval.train import evaluate_models, load_run, train_run
+from palr.evaluate.stats import format_ratio, paired_bootstrap
+from palr.evaluate.tables import read_per_user
+from palr.retrieval.load import load_run
+from palr.train.retriever import evaluate_models, train_run
 
 DATASETS = ["ml-100k", "ml-latest-small", "amazon-beauty"]
 RETRIEVERS = ["popularity", "itemknn", "als", "bpr", "text", "sasrec"]

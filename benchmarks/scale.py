@@ -80,9 +80,9 @@ def step(kind: str, csv_path: Path, eval_users: int) -> dict[str, float]:
     import resource
 
     from palr.data import load_split
-    from palr.evaluation import evaluate_retriever
+    from palr.evaluate.retrievers import evaluate_retriever
     from palr.retrieval.base import make_retriever
-    from palr.retrieval.train import seed_everything
+    from palr.train.retriever import seed_everything
 
     split = load_split(f"csv:{csv_path}")
     n_train = int(sum(len(s) for s in split.train))

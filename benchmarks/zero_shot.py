@@ -30,10 +30,11 @@ from typing import Any
 import httpx
 import numpy as np
 
-from palr.evaluation.stats import paired_bootstrap
+from palr.evaluate.palr import evaluate_palr_run
+from palr.evaluate.stats import paired_bootstrap
 from palr.llm.server import free_port
-from palr.pipeline import PALR, evaluate_palr_run
-from palr.profiles import grounded_keywords
+from palr.rank.pipeline import PALR
+from palr.rank.profiles import grounded_keywords
 
 
 def serve(spec: str, name: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -67,7 +68,7 @@ def summarise(doc: dict[str, Any], retr: str) -> dict[str, Any]:
            "request_failures": doc["llm"]["request_failures"], "scoring": doc["llm"]["scoring"]}
     ranks = doc["ranks"]
     for name, key in (("llm_alone", "LLM alone (end to end)"), ("fused", "PALR (end to end)")):
-        from palr.evaluation.metrics import per_user_ndcg
+        from palr.core.metrics import per_user_ndcg
 
         c = paired_bootstrap(per_user_ndcg(np.asarray(ranks[key]["test"]), 10),
                              per_user_ndcg(np.asarray(ranks[f"{retr} (retriever)"]["test"]), 10), seed=0)
@@ -138,7 +139,7 @@ def main() -> None:
                 users = [ds.user_ids[u] for u in np.sort(rng.choice(ds.n_users, args.profile_users, replace=False))]
                 t0 = time.perf_counter()
                 from palr.llm.openai import OpenAILLM
-                from palr.profiles import LLMProfiler, profile_users
+                from palr.rank.profiles import LLMProfiler, profile_users
 
                 slow_ok = OpenAILLM("gemma", url, timeout=900, concurrency=1)  # a CPU server: requests queue
                 profs = profile_users(ds, users, LLMProfiler(slow_ok))

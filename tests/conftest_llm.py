@@ -69,6 +69,6 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llm(tiny_dir: Path):
-    from palr.llm.base import load_llm
+    from palr.llm.registry import load_llm
 
     return load_llm(f"hf:{tiny_dir}", dtype="float32", device="cpu", batch_size=3)

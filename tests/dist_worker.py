@@ -23,12 +23,12 @@ def main() -> None:
     import torch
     from transformers import TrainerCallback
 
-    import palr.finetune.run as run_mod
-    import palr.finetune.train as train_mod
-    import palr.pipeline as pipeline_mod
-    import palr.retrieval.train as retrieval_mod
-    from palr import distributed
-    from palr.cli import app
+    import palr.evaluate.palr as pipeline_mod
+    import palr.train.finetune as run_mod
+    import palr.train.lm as train_mod
+    import palr.train.retriever as retrieval_mod
+    from palr.cli.main import app
+    from palr.core import distributed
 
     torch.set_num_threads(1)
     spy_dir = Path(sys.argv[1])

@@ -13,8 +13,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from palr.cli import app, parse_params
-from palr.errors import PalrError
+from palr.cli.main import app, parse_params
+from palr.core.errors import PalrError
 
 
 def command_paths(command: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

@@ -10,10 +10,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from palr import config as C
-from palr.cli import COMMANDS, app
-from palr.errors import ConfigError
-from palr.options import build, convert, flat, options
+from palr.cli.main import COMMANDS, app
+from palr.core import settings as C
+from palr.core.errors import ConfigError
+from palr.core.options import build, convert, flat, options
 
 
 @pytest.mark.parametrize("entry", COMMANDS, ids=lambda e: e[1])
@@ -71,7 +71,7 @@ def test_saved_args_read_back(tmp_path: Path) -> None:
     (["train", "-d", "ml-100k"], "missing --out"),
 ])
 def test_bad_values_are_one_line_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from palr.cli import main
+    from palr.cli.main import main
 
     with pytest.raises(SystemExit) as e:
         main(args)
@@ -122,7 +122,7 @@ def test_version_and_help() -> None:
 
 
 def test_retriever_help_names_the_registry() -> None:
-    from palr.config import RETRIEVER_HELP
+    from palr.core.settings import RETRIEVER_HELP
     from palr.retrieval.base import REGISTRY
 
     assert RETRIEVER_HELP.split(", ") == list(REGISTRY)

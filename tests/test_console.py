@@ -16,8 +16,8 @@ from palr.data import Split
 
 def test_importing_palr_sets_no_environment() -> None:
     """OMP_WAIT_POLICY was set at import in three modules, HF_HUB_OFFLINE for the whole process by the text retriever."""
-    code = ("import os, palr, palr.retrieval.train, palr.retrieval.sasrec, palr.retrieval.text, palr.finetune.run, "
-            "palr.pipeline\n"
+    code = ("import os, palr, palr.train.retriever, palr.retrieval.sasrec, palr.retrieval.text, palr.train.finetune, "
+            "palr.rank.pipeline\n"
             "print(sorted(k for k in ('OMP_WAIT_POLICY', 'HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE') if k in os.environ))")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -28,7 +28,7 @@ def test_fitting_leaves_the_global_random_state_alone(synth_split: Split) -> Non
     """fit_retriever seeded np.random and random globally; randomness now comes from each model's own seed."""
     import random
 
-    from palr.retrieval.train import fit_retriever
+    from palr.train.retriever import fit_retriever
 
     np.random.seed(123)
     random.seed(123)
@@ -38,7 +38,7 @@ def test_fitting_leaves_the_global_random_state_alone(synth_split: Split) -> Non
 
 
 def test_setup_levels_and_quiet_progress() -> None:
-    from palr import console
+    from palr.core import console
 
     try:
         console.setup(quiet=True)
@@ -65,7 +65,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("flag", ["-v", "-q", "--debug"])
 def test_global_flags_parse(flag: str) -> None:
-    from palr.cli import main
+    from palr.cli.main import main
 
     with pytest.raises(SystemExit) as e:
         main([flag, "--version"])

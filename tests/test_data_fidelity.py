@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from palr.core.errors import DataError, RunError
 from palr.data import DataSpec, load_dataset, read_raw
 from palr.data.sources import read_ml1m, read_ml100k, read_user_file
-from palr.errors import DataError, RunError
 
 GENRES = "unknown|0\nAction|1\nComedy|2\n"
 
@@ -113,7 +113,8 @@ def test_items_file_must_match(tmp_path: Path, caplog: pytest.LogCaptureFixture)
 
 def test_fingerprint_covers_the_catalogue(tmp_path: Path) -> None:
     """A run is refused against a catalogue whose titles changed (the prompts learned them)."""
-    from palr.retrieval.train import load_run, train_run
+    from palr.retrieval.load import load_run
+    from palr.train.retriever import train_run
 
     inter = tmp_path / "inter.csv"
     inter.write_text("user,item,timestamp\n" + "".join(f"u{u},i{(u + k) % 7},{k}\n" for u in range(7) for k in range(5)))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from palr import distributed
+from palr.core import distributed
 from palr.data.synthetic import synthetic_raw
 
 HERE = Path(__file__).resolve().parent
@@ -60,9 +60,10 @@ def test_two_cpu_processes_shard_training_and_evaluate_like_one(tmp_path: Path) 
     pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
     import palr
-    from palr.pipeline import PALR, evaluate_palr_run
-    from palr.retrieval.train import train_run
-    from palr.runs import read_run
+    from palr.evaluate.palr import evaluate_palr_run
+    from palr.rank.pipeline import PALR
+    from palr.runs.store import read_run
+    from palr.train.retriever import train_run
 
     batch = 16
     # 600 users: more than one ranking chunk (512), so both processes get users to evaluate
@@ -93,7 +94,7 @@ def test_two_cpu_processes_shard_training_and_evaluate_like_one(tmp_path: Path) 
     assert not (run / "checkpoints").exists()
     spies = [json.loads((spy / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert spies[0]["writes"] and not spies[1]["writes"], "only the main process writes"
-    assert "palr.finetune.run.finish_run" in spies[0]["writes"]
+    assert "palr.train.finetune.finish_run" in spies[0]["writes"]
 
     # each process computed its loss on its own half of the records: together all of them, about half each
     metrics = json.loads((run / "metrics.json").read_text())
@@ -131,7 +132,7 @@ def test_two_cpu_processes_shard_training_and_evaluate_like_one(tmp_path: Path) 
     assert (tmp_path / "rp1.jsonl").read_text() == (tmp_path / "rp2.jsonl").read_text()
 
     # candidate generation (a retriever run, --candidates): sharded == one process
-    from palr.cli import app
+    from palr.cli.main import app
 
     app(cand(1), standalone_mode=False)
     r1, r2 = (json.loads((tmp_path / f"rr{n}.json").read_text()) for n in (1, 2))
@@ -143,7 +144,7 @@ def test_two_cpu_processes_shard_training_and_evaluate_like_one(tmp_path: Path) 
 def _options(command: str) -> list[str]:
     import typer
 
-    from palr.cli import app
+    from palr.cli.main import app
 
     cmd = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
     return [o for p in cmd.params for o in p.opts if o.startswith("--")]
@@ -173,9 +174,9 @@ def test_positional_and_option_input_run(capsys: pytest.CaptureFixture[str]) -> 
     """The input run may be positional (what launchers pass through) or --run; two different ones are an error."""
     import typer
 
-    from palr.cli import main
-    from palr.config import FinetuneCommand
-    from palr.options import typer_command
+    from palr.cli.flags import typer_command
+    from palr.cli.main import main
+    from palr.core.settings import FinetuneCommand
 
     seen: list[Path] = []
     app = typer.Typer()

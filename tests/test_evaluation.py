@@ -14,23 +14,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from palr.cli import app
+from palr.cli.main import app
+from palr.core.metrics import hit_rate, metrics_from_ranks, mrr, ndcg, recall_of_candidates
+from palr.core.topk import history_mask, pessimistic_ranks, ranks_of_targets, tie_keys, top_k
 from palr.data import Split, load_dataset
 from palr.data.synthetic import synthetic_raw
-from palr.evaluation import (
-    evaluate_retriever,
-    history_mask,
-    hit_rate,
-    metrics_from_ranks,
-    mrr,
-    ndcg,
-    pessimistic_ranks,
-    ranks_of_targets,
-    recall_of_candidates,
-    results_table,
-    tie_keys,
-    top_k,
-)
+from palr.evaluate.retrievers import evaluate_retriever, results_table
 from palr.retrieval.base import make_retriever
 
 

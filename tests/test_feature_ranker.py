@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from palr.data import Split
 from palr.data.dataset import Dataset
-from palr.features import CandidateFeatures, tfidf_embeddings
+from palr.rank.features import CandidateFeatures, tfidf_embeddings
 from palr.retrieval.base import make_retriever
-from palr.retrieval.train import candidates_for
+from palr.retrieval.candidates import candidates_for
 
 pytest.importorskip("lightgbm")
 
@@ -53,7 +53,7 @@ def test_tfidf_fallback_is_deterministic_and_normalised() -> None:
 
 
 def test_held_out_users_are_disjoint_and_the_trees_beat_the_retriever(synth_split: Split) -> None:
-    from palr.feature_ranker import FeatureRankerConfig, fit_feature_ranker, split_users
+    from palr.rank.trees import FeatureRankerConfig, fit_feature_ranker, split_users
 
     fit_u, hold_u = split_users(200, 0.25, seed=0)
     assert not set(fit_u) & set(hold_u) and len(fit_u) + len(hold_u) == 200 and len(hold_u) == 50
@@ -80,8 +80,8 @@ def score_predictions(path: Path, ds: Dataset, k: int = 10) -> float:
 def test_cli_feature_run_evaluates_like_a_palr_run(tmp_path: Path) -> None:
     from test_palr import write_csv
 
-    from palr.cli import app
-    from palr.pipeline import PALR
+    from palr.cli.main import app
+    from palr.rank.pipeline import PALR
 
     name = write_csv(tmp_path, n_users=160, n_items=60)
     runner = CliRunner()

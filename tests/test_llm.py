@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest_llm import tiny_catalog, tiny_dir, tiny_llm  # noqa: F401 - fixtures
 
-from palr.errors import PalrError
-from palr.llm.base import LLM, load_llm, parse_spec, single_token_labels
+from palr.core.errors import PalrError
+from palr.llm.protocol import LLM, single_token_labels
+from palr.llm.registry import load_llm, parse_spec
 
 PROMPTS = ["Recommend 10 other movies. Answer:", "Heat", "Input: User watched movies \"Casino (1995)\". Answer:"]
 
@@ -163,7 +164,7 @@ def test_openai_backend_matches_hf(server_url, tiny_llm, api):
 def test_openai_scores_the_label_tokens_of_many_multi_token_labels(server_url, tiny_llm):
     """50 labels, most of them several tokens in this tokenizer: the client asks for the label tokens' own
     log-probabilities (echo), so every label is scored exactly as the local model scores it."""
-    from palr.llm.base import candidate_labels
+    from palr.llm.protocol import candidate_labels
 
     labels = [" " + x for x in candidate_labels()[:50]]
     assert sum(len(tiny_llm.tokenizer.encode(x, add_special_tokens=False)) > 1 for x in labels) > 10
@@ -199,7 +200,7 @@ def test_openai_timeout_and_malformed(tiny_llm):
             client = load_llm(f"openai:palr@{url}", api=api, max_retries=2, backoff=0.01)
             with pytest.raises(PalrError, match="malformed answer.*after 3 attempts|after 3 attempts.*malformed"):
                 client.generate(["hello"])
-    from palr.errors import LLMUnavailable
+    from palr.core.errors import LLMUnavailable
 
     dead = load_llm("openai:m@http://127.0.0.1:9/v1", max_retries=2, backoff=0.01, timeout=1)
     with pytest.raises(LLMUnavailable, match="connection failed"):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from palr.cli import main
+from palr.cli.main import main
 from palr.data.synthetic import synthetic_raw
 
 TINY = ["--epochs", "1", "--mini-dim", "32", "--mini-layers", "1", "--mini-vocab", "300", "--positions", "2",

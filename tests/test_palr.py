@@ -12,10 +12,10 @@ import pytest
 
 from palr.data import Split
 from palr.data.synthetic import synthetic_raw
-from palr.finetune.data import ExampleConfig, attach_candidates, check_no_leak, records, training_contexts
-from palr.ranking import PromptBuilder, choose_weight, fuse, order_by, positional_ranks
-from palr.ranking_trie import CandidateTrie
+from palr.rank.llm_ranker import PromptBuilder, choose_weight, fuse, order_by, positional_ranks
+from palr.rank.trie import CandidateTrie
 from palr.retrieval.base import make_retriever
+from palr.train.examples import ExampleConfig, attach_candidates, check_no_leak, records, training_contexts
 
 pytest.importorskip("transformers")
 
@@ -110,10 +110,10 @@ def test_choose_weight_uses_the_given_validation_data() -> None:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A retriever run and a PALR run on a synthetic CSV (tiny mini model, one epoch)."""
-    from palr.config import MiniConfig
-    from palr.finetune.run import finetune
-    from palr.finetune.train import FinetuneConfig
-    from palr.retrieval.train import train_run
+    from palr.core.settings import MiniConfig
+    from palr.train.finetune import finetune
+    from palr.train.lm import FinetuneConfig
+    from palr.train.retriever import train_run
 
     tmp = tmp_path_factory.mktemp("palr")
     name = write_csv(tmp)
@@ -140,7 +140,7 @@ def test_finetune_writes_a_complete_run_and_weights_moved(tiny_run: dict) -> Non
 
 
 def test_saved_model_reloads_to_identical_scores(tiny_run: dict) -> None:
-    from palr.pipeline import PALR
+    from palr.rank.pipeline import PALR
 
     a = PALR.load(tiny_run["palr"])
     b = PALR.load(tiny_run["palr"])
@@ -156,7 +156,7 @@ def test_saved_model_reloads_to_identical_scores(tiny_run: dict) -> None:
 
 
 def test_evaluate_palr_run_end_to_end(tiny_run: dict, tmp_path: Path) -> None:
-    from palr.pipeline import evaluate_palr_run
+    from palr.evaluate.palr import evaluate_palr_run
 
     doc = evaluate_palr_run(tiny_run["palr"], out=tmp_path / "r.json", predictions=tmp_path / "p.jsonl",
                             retriever_predictions=tmp_path / "rp.jsonl", progress=False, per_user=tmp_path / "u.csv")
@@ -183,7 +183,7 @@ def test_evaluate_palr_run_end_to_end(tiny_run: dict, tmp_path: Path) -> None:
     assert cond["users"] == round(e2e["Recall@20"] * e2e["users"])
     assert doc["protocol"]["fusion_weight_chosen_on"] == "validation users"
     lines = (tmp_path / "p.jsonl").read_text().splitlines()
-    from palr.pipeline import PALR
+    from palr.rank.pipeline import PALR
 
     palr = PALR.load(tiny_run["palr"])
     ds = palr.split.dataset
@@ -197,8 +197,8 @@ def test_evaluate_palr_run_end_to_end(tiny_run: dict, tmp_path: Path) -> None:
 
 
 def test_recommend_user_history_and_errors(tiny_run: dict) -> None:
-    from palr.errors import PalrError
-    from palr.pipeline import PALR
+    from palr.core.errors import PalrError
+    from palr.rank.pipeline import PALR
 
     palr = PALR.load(tiny_run["palr"])
     rec = palr.recommend(user=palr.split.dataset.user_ids[0], k=5, explain=True)
@@ -214,7 +214,7 @@ def test_recommend_user_history_and_errors(tiny_run: dict) -> None:
 
 
 def test_a_failing_llm_keeps_the_retriever_order(tiny_run: dict) -> None:
-    from palr.pipeline import PALR
+    from palr.rank.pipeline import PALR
 
     palr = PALR.load(tiny_run["palr"])
 
@@ -232,8 +232,8 @@ def test_a_failing_llm_keeps_the_retriever_order(tiny_run: dict) -> None:
     assert res.failed.all() and res.notes
     assert res.order.tolist() == cands.tolist()
     # fused with the run's feature ranker (weight above 0): the feature ranker's order stands
-    from palr.feature_ranker import FeatureRanker
-    from palr.fusion import FusedRanker
+    from palr.rank.fusion import FusedRanker
+    from palr.rank.trees import FeatureRanker
 
     fused = FusedRanker(llm_ranker, FeatureRanker.load(tiny_run["palr"] / "feature_ranker"), 1.0)
     assert fused.mode == "verbalizer+features"
@@ -246,7 +246,7 @@ def test_a_failing_llm_keeps_the_retriever_order(tiny_run: dict) -> None:
 def test_the_embedded_model_served_over_openai_ranks_as_the_local_one(tiny_run: dict) -> None:
     """`palr model serve mini:RUN/llm` + `--llm openai:...` on the PALR run: the same item-token log-probs."""
     from palr.llm.server import BackgroundServer, create_app
-    from palr.pipeline import PALR
+    from palr.rank.pipeline import PALR
 
     local = PALR.load(tiny_run["palr"])
     hist = local.split.histories("test")[:4]
@@ -262,7 +262,7 @@ def test_the_embedded_model_served_over_openai_ranks_as_the_local_one(tiny_run: 
 
 
 def test_generative_mode_only_returns_candidates_even_with_injected_titles(tiny_run: dict) -> None:
-    from palr.pipeline import PALR
+    from palr.rank.pipeline import PALR
 
     palr = PALR.load(tiny_run["palr"], mode="generative")
     cat = palr.catalog
@@ -294,9 +294,9 @@ def test_candidate_trie_constrains_and_parses() -> None:
 
 
 def test_finetuned_run_refuses_another_dataset(tiny_run: dict, tmp_path: Path) -> None:
+    from palr.core.errors import RunError
     from palr.data import load_dataset
-    from palr.errors import RunError
-    from palr.runs import check_dataset, read_run
+    from palr.runs.store import check_dataset, read_run
 
     other = load_dataset(write_csv(tmp_path, n_users=90))
     with pytest.raises(RunError, match="trained on"):
@@ -308,12 +308,12 @@ def test_http_service_recommends(tiny_run: dict) -> None:
     import httpx
 
     from palr.llm.server import BackgroundServer
-    from palr.service import create_app
+    from palr.serve.app import create_app
 
     with BackgroundServer(create_app(tiny_run["palr"])) as url:
         base = url.removesuffix("/v1")
         assert httpx.get(f"{base}/health").json()["status"] == "ok"
-        from palr.pipeline import PALR
+        from palr.rank.pipeline import PALR
 
         user = PALR.load(tiny_run["palr"]).split.dataset.user_ids[0]
         r = httpx.post(f"{base}/recommend", json={"user": user, "k": 4, "explain": True}, timeout=30)
@@ -329,10 +329,10 @@ def test_lora_finetune_saves_an_adapter_that_moved_and_reloads(tiny_run: dict, t
     from conftest_llm import build_tiny_model
     from safetensors.torch import load_file
 
-    from palr.finetune.run import finetune
-    from palr.finetune.train import FinetuneConfig
     from palr.llm.hf import HFLLM
-    from palr.pipeline import PALR
+    from palr.rank.pipeline import PALR
+    from palr.train.finetune import finetune
+    from palr.train.lm import FinetuneConfig
 
     base = build_tiny_model(tmp_path / "base")
     cfg = FinetuneConfig(base_model=str(base), lora=(4, 8), epochs=1.0, valid_users=20, batch_size=8,
@@ -363,8 +363,8 @@ def test_pretraining_lowers_the_next_item_loss(synth_split: Split, tmp_path: Pat
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from palr.finetune.train import pretrain_sequences
     from palr.llm.mini import build_mini
+    from palr.train.lm import pretrain_sequences
 
     d = build_mini(synth_split.dataset.catalog, tmp_path / "m", vocab_size=300, n_layer=1, n_embd=32, n_head=2)
     tok, model = AutoTokenizer.from_pretrained(d), AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
@@ -375,9 +375,9 @@ def test_pretraining_lowers_the_next_item_loss(synth_split: Split, tmp_path: Pat
 
 # ---------------------------------------------------------------------------- genuine candidates (issue 11)
 def test_genuine_examples_hold_no_test_item_and_no_held_out_user(synth_split: Split) -> None:
-    from palr.feature_ranker import split_users
-    from palr.finetune.data import genuine_contexts
-    from palr.retrieval.train import candidates_for
+    from palr.rank.trees import split_users
+    from palr.retrieval.candidates import candidates_for
+    from palr.train.examples import genuine_contexts
 
     ret = make_retriever("itemknn").fit(synth_split.train, synth_split.n_items)
     ranked, _ = candidates_for(ret, synth_split, "valid", 21)
@@ -408,7 +408,7 @@ def test_genuine_examples_hold_no_test_item_and_no_held_out_user(synth_split: Sp
 
 
 def test_finetune_trains_no_held_out_user_and_chooses_on_them(tiny_run: dict) -> None:
-    from palr.feature_ranker import split_users
+    from palr.rank.trees import split_users
 
     prun = tiny_run["palr"]
     cfg = json.loads((prun / "config.json").read_text())["config"]["finetune"]
@@ -427,9 +427,10 @@ def test_finetune_trains_no_held_out_user_and_chooses_on_them(tiny_run: dict) ->
 def test_no_llm_alone_row_when_the_llm_is_not_consulted(tiny_run: dict) -> None:
     """A fused ranker whose LLM weight is 0 never runs the LLM: its evaluation has no "LLM alone" figures (they
     would be the retriever's order under another name); with a weight above 0 the row is there."""
-    from palr.feature_ranker import FeatureRanker
-    from palr.fusion import FusedRanker
-    from palr.pipeline import PALR, evaluate_palr
+    from palr.evaluate.palr import evaluate_palr
+    from palr.rank.fusion import FusedRanker
+    from palr.rank.pipeline import PALR
+    from palr.rank.trees import FeatureRanker
 
     palr = PALR.load(tiny_run["palr"])
     llm_ranker = getattr(palr.ranker, "llm_ranker", palr.ranker)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest_llm import tiny_catalog, tiny_dir, tiny_llm  # noqa: F401 - fixtures
 
+from palr.core.errors import PalrError
 from palr.data.dataset import Dataset
-from palr.errors import PalrError
-from palr.profiles import AttributeProfiler, LLMProfiler, ProfileCache, profile_users, user_history
+from palr.rank.profiles import AttributeProfiler, LLMProfiler, ProfileCache, profile_users, user_history
 
 
 class FixedLLM:
@@ -95,7 +95,7 @@ def test_llm_profile_accepted():
 
 def test_llm_profile_trims_a_long_list_to_grounded_keywords():
     """A small model's over-long answer keeps its first 5 grounded keywords instead of being thrown away."""
-    from palr.profiles import grounded_keywords
+    from palr.rank.profiles import grounded_keywords
 
     ds = dataset()
     answer = "crime movies, horror movies, drama, 1990s films, Heat, casino, thrillers, action, quirky stuff"
@@ -111,7 +111,7 @@ def test_llm_profile_trims_a_long_list_to_grounded_keywords():
 
 
 def test_an_unreachable_llm_stops_the_profiler_unless_fallback_is_allowed():
-    from palr.errors import LLMUnavailable
+    from palr.core.errors import LLMUnavailable
 
     ds = dataset()
     down = FixedLLM(LLMUnavailable("LLM server http://127.0.0.1:9/v1 unreachable"))
@@ -132,7 +132,7 @@ def test_llm_profile_with_random_model_falls_back_or_validates(tiny_llm):
 def test_cli_profile(tmp_path):
     from typer.testing import CliRunner
 
-    from palr.cli import app
+    from palr.cli.main import app
 
     rows = ["user,item,timestamp"] + [f"u{u},i{(u + k) % 12},{k}" for u in range(12) for k in range(6)]
     (tmp_path / "x.csv").write_text("\n".join(rows) + "\n")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from conftest_llm import tiny_catalog
 
-from palr import prompts
 from palr.data.dataset import Catalog
+from palr.llm import prompts
 
 
 def products() -> Catalog:

@@ -13,11 +13,12 @@ import pytest
 from test_evaluation import write_synthetic_csv
 from typer.testing import CliRunner
 
-from palr.cli import app
+from palr.cli.main import app
+from palr.core.errors import PalrError
+from palr.core.metrics import per_user_metrics
 from palr.data import load_split
-from palr.errors import PalrError
-from palr.evaluation import compare_metrics, per_user_metrics
-from palr.evaluation.report import comparison_pairs
+from palr.evaluate.stats import compare_metrics
+from palr.evaluate.tables import comparison_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from palr.core.errors import PalrError, RunError
+from palr.core.topk import history_mask
 from palr.data import Split
-from palr.errors import PalrError, RunError
-from palr.evaluation import evaluate_retriever, history_mask
+from palr.evaluate.retrievers import evaluate_retriever
 from palr.retrieval.base import REGISTRY, Retriever, load_retriever, make_retriever, recommend
+from palr.retrieval.candidates import candidates_for
+from palr.retrieval.load import load_run
 from palr.retrieval.text import text_model_available
-from palr.retrieval.train import candidates_for, fit_retriever, load_run, train_run
+from palr.train.retriever import fit_retriever, train_run
 
 # small settings so that every model fits in a few seconds on 2 cores
 FAST: dict[str, dict[str, Any]] = {
@@ -201,7 +204,7 @@ def _write_csv(path: Path, split: Split) -> None:
 
 
 def test_cli_train_then_evaluate_run(synth_split: Split, tmp_path: Path) -> None:
-    from palr.cli import app
+    from palr.cli.main import app
 
     data = tmp_path / "events.csv"
     _write_csv(data, synth_split)
@@ -242,7 +245,7 @@ def test_run_from_another_dataset_is_refused(synth_split: Split, tmp_path: Path)
     run = train_run(f"csv:{a}", "popularity", tmp_path / "run", progress=False)
     with pytest.raises(RunError, match="was trained on data set"):
         from palr.data import load_split
-        from palr.runs import check_dataset, read_run
+        from palr.runs.store import check_dataset, read_run
 
         check_dataset(read_run(run), load_split(f"csv:{b}").dataset, run)
     (run / "run.json").write_text(json.dumps({"format": 999, "kind": "retriever", "palr": "9.9"}))

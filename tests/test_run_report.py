@@ -15,7 +15,7 @@ pytest.importorskip("matplotlib")
 def test_report_is_self_contained_with_figures_and_metrics(tiny_ml100k_run: dict[str, Path], tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from palr.cli import app
+    from palr.cli.main import app
 
     out = tmp_path / "r.html"
     # the run twice: the per-run sections and the run-against-run comparison
@@ -43,7 +43,7 @@ def test_finetuning_records_its_training_curve(tiny_ml100k_run: dict[str, Path])
 
 
 def test_every_run_has_a_model_card(tiny_ml100k_run: dict[str, Path], tmp_path: Path) -> None:
-    from palr.model_card import write_model_card
+    from palr.runs.card import write_model_card
 
     retr = (tiny_ml100k_run["retriever"] / "README.md").read_text()
     assert "sasrec retriever on ml-100k" in retr and "## Protocol" in retr and "load_run(" in retr
@@ -62,7 +62,7 @@ def test_every_run_has_a_model_card(tiny_ml100k_run: dict[str, Path], tmp_path: 
 
 
 def test_report_of_a_retriever_run(tiny_ml100k_run: dict[str, Path], tmp_path: Path) -> None:
-    from palr.report import load_run_data, write_report
+    from palr.evaluate.report import load_run_data, write_report
 
     rd = load_run_data(tiny_ml100k_run["retriever"], tiny_ml100k_run["data_dir"])
     assert list(rd.ranks) == ["sasrec (retriever)"] and len(rd.retriever_history) == 2

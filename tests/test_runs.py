@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from palr.core.errors import RunError
+from palr.core.io import write_atomic, write_json
 from palr.data import Dataset, Split
 from palr.data.synthetic import synthetic_dataset
-from palr.errors import RunError
 from palr.retrieval.base import load_retriever, make_retriever
-from palr.runs import begin_run, check_dataset, fingerprint, finish_run, read_run, write_atomic, write_json
+from palr.runs.store import begin_run, check_dataset, fingerprint, finish_run, read_run
 
 
 def test_write_atomic_replaces_whole_file(tmp_path: Path) -> None:
@@ -113,7 +114,8 @@ def _tiny_csv(tmp_path: Path) -> str:
 
 def test_rerun_into_a_run_with_other_settings(tmp_path: Path) -> None:
     """An existing --out is reused only with the same settings; other settings are refused or --overwrite."""
-    from palr.retrieval.train import load_run, train_run
+    from palr.retrieval.load import load_run
+    from palr.train.retriever import train_run
 
     data, out = _tiny_csv(tmp_path), tmp_path / "run"
     train_run(data, "popularity", out, progress=False)
@@ -140,7 +142,7 @@ def _write_safetensors(path: Path, n: int = 64) -> None:
 
 def test_torn_checkpoints_are_skipped_and_removed(tmp_path: Path) -> None:
     """A kill during a Trainer save left a checkpoint that crashed every rerun (SafetensorError)."""
-    from palr.finetune.run import _last_checkpoint, checkpoint_complete
+    from palr.train.finetune import _last_checkpoint, checkpoint_complete
 
     ckpt = tmp_path / "checkpoints"
     for step in (2, 4, 6):
@@ -164,10 +166,10 @@ def test_directory_build_killed_midway_leaves_no_half_folder(tmp_path: Path) -> 
     import sys
     import time
 
-    from palr.runs import build_dir_atomic
+    from palr.runs.store import build_dir_atomic
 
     dst = tmp_path / "base"
-    script = ("import sys, time; from pathlib import Path; from palr.runs import build_dir_atomic\n"
+    script = ("import sys, time; from pathlib import Path; from palr.runs.store import build_dir_atomic\n"
               "def build(tmp):\n"
               "    tmp.mkdir(); (tmp / 'config.json').write_text('{}'); (tmp / 'model.safetensors').write_bytes(b'x')\n"
               "    time.sleep(60)\n"
@@ -194,8 +196,8 @@ def test_directory_build_killed_midway_leaves_no_half_folder(tmp_path: Path) -> 
 
 def test_damaged_base_model_is_rebuilt(tmp_path: Path, synth_split: Split) -> None:
     """A half-written base/ (from a kill in an older palr) made every rerun crash; now it is rebuilt."""
-    from palr.config import FinetuneConfig, MiniConfig
-    from palr.finetune.train import build_base
+    from palr.core.settings import FinetuneConfig, MiniConfig
+    from palr.train.lm import build_base
 
     cfg = FinetuneConfig(mini=MiniConfig(vocab=300, dim=32, layers=1), init_from_retriever=False).resolved()
     build_base(cfg, synth_split, tmp_path, None)

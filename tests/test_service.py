@@ -14,14 +14,14 @@ httpx = pytest.importorskip("httpx")
 
 @pytest.fixture(scope="module")
 def loaded(tiny_ml100k_run: dict[str, Path]):
-    from palr.pipeline import PALR
+    from palr.rank.pipeline import PALR
 
     return PALR.load(tiny_ml100k_run["palr"], tiny_ml100k_run["data_dir"])
 
 
 def serve(palr, **cfg):
     from palr.llm.server import BackgroundServer
-    from palr.service import ServiceConfig, create_app
+    from palr.serve.app import ServiceConfig, create_app
 
     return BackgroundServer(create_app(palr, config=ServiceConfig(**cfg)))
 
@@ -120,7 +120,7 @@ def test_saturated_service_answers_503(loaded, monkeypatch: pytest.MonkeyPatch) 
 def test_cli_refuses_bad_recommend_arguments(tiny_ml100k_run: dict[str, Path]) -> None:
     from typer.testing import CliRunner
 
-    from palr.cli import app
+    from palr.cli.main import app
 
     run, data = str(tiny_ml100k_run["palr"]), str(tiny_ml100k_run["data_dir"])
     runner = CliRunner()

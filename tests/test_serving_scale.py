@@ -66,9 +66,10 @@ def counting_server(llm, delay_s: float):
 
 def test_served_model_ranks_like_the_local_one_with_a_bounded_pool_and_batches(tiny_llm) -> None:
     pytest.importorskip("fastapi")
-    from palr.llm.base import load_llm, single_token_labels
+    from palr.llm.protocol import single_token_labels
+    from palr.llm.registry import load_llm
     from palr.llm.server import BackgroundServer
-    from palr.ranking import PromptBuilder, Ranker
+    from palr.rank.llm_ranker import PromptBuilder, Ranker
 
     catalog = tiny_catalog()
     rng = np.random.default_rng(0)
@@ -118,8 +119,8 @@ def test_served_model_ranks_like_the_local_one_with_a_bounded_pool_and_batches(t
 
 
 def test_openai_client_settings_in_the_spec() -> None:
-    from palr.errors import PalrError
-    from palr.llm.base import load_llm
+    from palr.core.errors import PalrError
+    from palr.llm.registry import load_llm
 
     client = load_llm("openai:m@http://127.0.0.1:9/v1?concurrency=16&batch_size=32&timeout=5")
     assert (client.concurrency, client.batch_size, client.timeout) == (16, 32, 5.0)

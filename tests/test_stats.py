@@ -9,15 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from palr.evaluation import (
-    Comparison,
-    compare_metrics,
-    format_ratio,
-    metrics_from_ranks,
-    paired_bootstrap,
-    per_user_metrics,
-    summarize_seeds,
-)
+from palr.core.metrics import metrics_from_ranks, per_user_metrics
+from palr.evaluate.stats import Comparison, compare_metrics, format_ratio, paired_bootstrap, summarize_seeds
 
 
 def test_per_user_metrics_hand_computed() -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from palr.core.errors import PalrError
 from palr.data import Split
-from palr.errors import PalrError
 from palr.retrieval.base import load_retriever
-from palr.retrieval.tune import load_space_file, search_space, tune
+from palr.train.tune import load_space_file, search_space, tune
 
 pytest.importorskip("optuna")
 
@@ -77,7 +77,7 @@ def test_space_overrides(tmp_path: Path) -> None:
 def test_cli_tune_then_evaluate_best(synth_split: Split, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from palr.cli import app
+    from palr.cli.main import app
 
     data = tmp_path / "events.csv"
     with data.open("w", newline="") as fh:

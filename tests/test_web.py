@@ -47,8 +47,8 @@ def shots(tmp_path: Path) -> Path:
 
 def test_page_shows_profile_and_recommended_titles(browser, tiny_ml100k_run: dict[str, Path], shots: Path) -> None:
     from palr.llm.server import BackgroundServer
-    from palr.pipeline import PALR
-    from palr.service import create_app
+    from palr.rank.pipeline import PALR
+    from palr.serve.app import create_app
 
     palr = PALR.load(tiny_ml100k_run["palr"], tiny_ml100k_run["data_dir"])
     want = palr.recommend(user="1", k=10)
@@ -84,8 +84,8 @@ def test_page_shows_profile_and_recommended_titles(browser, tiny_ml100k_run: dic
 
 def test_page_asks_for_the_token(browser, tiny_ml100k_run: dict[str, Path]) -> None:
     from palr.llm.server import BackgroundServer
-    from palr.pipeline import PALR
-    from palr.service import ServiceConfig, create_app
+    from palr.rank.pipeline import PALR
+    from palr.serve.app import ServiceConfig, create_app
 
     palr = PALR.load(tiny_ml100k_run["palr"], tiny_ml100k_run["data_dir"])
     with BackgroundServer(create_app(palr, config=ServiceConfig(token="s3cret"))) as url:
@@ -102,7 +102,7 @@ def test_page_asks_for_the_token(browser, tiny_ml100k_run: dict[str, Path]) -> N
 
 
 def test_report_renders_in_the_browser(browser, tiny_ml100k_run: dict[str, Path], shots: Path, tmp_path: Path) -> None:
-    from palr.report import write_report
+    from palr.evaluate.report import write_report
 
     out = write_report([tiny_ml100k_run["palr"]], tmp_path / "report.html", data_dir=tiny_ml100k_run["data_dir"])
     page = browser.new_page()

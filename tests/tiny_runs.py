@@ -32,10 +32,10 @@ def write_fake_ml100k(root: Path, n_users: int = 120, n_items: int = 60, seed: i
 
 def build_tiny_run(root: Path) -> dict[str, Path]:
     """SASRec (2 epochs, 16-d) + a one-layer mini ranker (1 epoch), evaluated on test (test_ranks.npz)."""
-    from palr.config import ExampleConfig, FinetuneConfig, MiniConfig
-    from palr.finetune.run import finetune
-    from palr.pipeline import evaluate_palr_run
-    from palr.retrieval.train import train_run
+    from palr.core.settings import ExampleConfig, FinetuneConfig, MiniConfig
+    from palr.evaluate.palr import evaluate_palr_run
+    from palr.train.finetune import finetune
+    from palr.train.retriever import train_run
 
     data_dir = write_fake_ml100k(root / "data")
     rrun = train_run("ml-100k", "sasrec", root / "retriever", params={"epochs": 2, "hidden": 16, "max_len": 50},

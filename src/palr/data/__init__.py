@@ -6,7 +6,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from palr.config import DataSpec
+from palr.core.errors import MissingDataError
+from palr.core.settings import DataSpec
 from palr.data.dataset import Catalog, Dataset, Split, Stage
 from palr.data.preprocess import preprocess
 from palr.data.sources import (
@@ -17,7 +18,6 @@ from palr.data.sources import (
     read_ml_latest,
     read_user_file,
 )
-from palr.errors import MissingDataError
 
 __all__ = ["KNOWN_DATASETS", "Catalog", "DataSpec", "Dataset", "Split", "Stage", "data_dir", "load_dataset", "load_split"]
 

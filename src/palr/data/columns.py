@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from palr.errors import DataError
+from palr.core.errors import DataError
 
 LineOf = Callable[[int], int | None]  # 0-based row index -> 1-based line in the file
 Check = tuple[np.ndarray, Callable[[int], str]]  # ((R,) bool: bad rows, row -> error message)

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from palr.core.errors import PalrError
 from palr.data.columns import Ids
 from palr.data.dataset import Catalog, Dataset, id_sort_key
 from palr.data.sources import RawData
-from palr.errors import PalrError
 
 PROTOCOL_VERSION = 1
 

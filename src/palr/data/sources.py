@@ -2,7 +2,7 @@
 form) and a user's own CSV/Parquet. Each returns :class:`RawData` in file order; preprocessing
 (dedupe, 5-core, time sort, id maps) happens in :mod:`palr.data.preprocess`.
 
-Every parse error raises :class:`~palr.errors.DataError` with the file and the 1-based line.
+Every parse error raises :class:`~palr.core.errors.DataError` with the file and the 1-based line.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from palr.core.errors import DataError, MissingDataError
 from palr.data.columns import (
     Ids,
     decode_check,
@@ -33,7 +34,6 @@ from palr.data.columns import (
     read_lines,
     split_fields,
 )
-from palr.errors import DataError, MissingDataError
 
 _YEAR = re.compile(r"\((\d{4})\)\s*$")
 

@@ -1,7 +1,7 @@
 """A user's own interaction files (CSV or Parquet) and item files, read column by column.
 
 Ids are text (an integral float such as '12.0' is the integer '12'); times are epoch seconds or ISO-8601
-(naive = UTC). The first bad row in file order raises :class:`~palr.errors.DataError` with its line (CSV) or
+(naive = UTC). The first bad row in file order raises :class:`~palr.core.errors.DataError` with its line (CSV) or
 row number (Parquet).
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from palr.core.errors import DataError, MissingDataError
 from palr.data.columns import Check, Ids, first_error, id_check, ids_from_arrow, read_csv_columns, time_check
 from palr.data.sources import RawData, _csv_rows, _id_field, free_id
-from palr.errors import DataError, MissingDataError
 
 log = logging.getLogger(__name__)
 

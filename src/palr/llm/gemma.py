@@ -14,7 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-from palr.errors import PalrError
+from palr.core.errors import PalrError
 
 log = logging.getLogger(__name__)
 

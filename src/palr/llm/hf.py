@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from palr.errors import PalrError
-from palr.llm.base import label_token_ids
-from palr.prompts import split_cue
+from palr.core.errors import PalrError
+from palr.llm.prompts import split_cue
+from palr.llm.protocol import label_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def _looks_local(target: str) -> bool:
 
 
 class HFLLM:
-    """A causal LM from ``transformers`` behind the :class:`palr.llm.base.LLM` protocol.
+    """A causal LM from ``transformers`` behind the :class:`palr.llm.protocol.LLM` protocol.
 
     Args:
         path: local model directory or hub id (a hub id may download; a local-looking path never does).

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from palr.config import MiniConfig
+from palr.core.errors import PalrError
+from palr.core.settings import MiniConfig
 from palr.data.dataset import Catalog
-from palr.errors import PalrError
-from palr.prompts import item_token, label_token
+from palr.llm.prompts import item_token, label_token
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _corpus(source: Catalog | Sequence[str], n_prompts: int, seed: int) -> Itera
     if not isinstance(source, Catalog):
         yield from (str(t) for t in source)
         return
-    from palr import prompts
+    from palr.llm import prompts
 
     cat = source
     n = len(cat)
@@ -141,7 +141,7 @@ def build_mini(source: Catalog | Sequence[str], out_dir: str | Path, *, vocab_si
             "kind": source.kind if isinstance(source, Catalog) else None, "vocab_size": len(hf_tok),
             "bpe_vocab_size": vocab_size, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head,
             "intermediate_size": inter, "max_position": max_position, "seed": seed, "parameters": n_params}
-    from palr.prompts import PROMPT_VERSION
+    from palr.llm.prompts import PROMPT_VERSION
 
     info["prompt_version"] = PROMPT_VERSION
     (out / MINI_INFO).write_text(json.dumps(info, indent=2) + "\n")

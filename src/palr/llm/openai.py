@@ -16,7 +16,7 @@ log-probabilities at all to a short generated answer whose first label gets 0 an
 ``self.last_scoring`` says which ("echo", "top_logprobs", "parsed").
 
 Failures are counted (``self.failures``: requests that failed after all retries). A server that cannot be reached
-(connection refused, timeouts) raises :class:`palr.errors.LLMUnavailable`; after one such failure the next requests
+(connection refused, timeouts) raises :class:`palr.core.errors.LLMUnavailable`; after one such failure the next requests
 get a single attempt until one succeeds, so a dead server is noticed in seconds, not minutes.
 """
 
@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from palr.errors import LLMUnavailable, PalrError
+from palr.core.errors import LLMUnavailable, PalrError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def normalize_base_url(url: str) -> str:
 
 
 class OpenAILLM:
-    """An OpenAI-compatible endpoint behind the :class:`palr.llm.base.LLM` protocol.
+    """An OpenAI-compatible endpoint behind the :class:`palr.llm.protocol.LLM` protocol.
 
     Args:
         model: the server's model name.

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from palr.llm.base import LLM, load_llm
+from palr.llm.protocol import LLM
+from palr.llm.registry import load_llm
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The retriever contract and its registry.
 
 A retriever is fitted on training sequences and scores every item for a batch of histories.
-Top-k selection and history exclusion live in :func:`palr.evaluation.top_k`, the same for every model.
+Top-k selection and history exclusion live in :func:`palr.core.topk.top_k`, the same for every model.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import importlib
 import inspect
 import json
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from palr.evaluation import top_k
+from palr.core.topk import top_k
 
 
 @runtime_checkable
@@ -79,8 +79,8 @@ def param_types(name: str) -> dict[str, Any]:
 
 def check_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     """``params`` checked against the retriever's typed hyper-parameters (ConfigError naming the valid keys)."""
-    from palr.errors import ConfigError
-    from palr.options import convert, unknown_key_error
+    from palr.core.errors import ConfigError
+    from palr.core.options import convert, unknown_key_error
 
     try:
         types_ = param_types(name)
@@ -109,3 +109,16 @@ def load_retriever(directory: Path) -> Retriever:
     """Load a saved retriever from a directory written by its ``save``."""
     meta = json.loads((directory / "retriever.json").read_text())
     return retriever_class(meta["name"]).load(directory)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------- full-ranking runs
+def score_batches(retriever: Retriever, histories: Sequence[np.ndarray], batch_size: int = 512,
+                  progress: bool = False, desc: str = "scoring") -> Iterable[tuple[slice, np.ndarray]]:
+    from tqdm.auto import tqdm
+
+    from palr.core.console import progress_enabled
+
+    starts = range(0, len(histories), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress_enabled(progress), leave=False):
+        sl = slice(start, min(start + batch_size, len(histories)))
+        yield sl, retriever.score(list(histories[sl]))

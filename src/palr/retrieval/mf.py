@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 from safetensors.numpy import load_file, save_file
 
-from palr.errors import PalrError
+from palr.core.errors import PalrError
 from palr.retrieval.base import save_params
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from palr.errors import PalrError
+from palr.core.errors import PalrError
 from palr.retrieval.base import save_params
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def train_sasrec(net: SASRecNet, train: Sequence[np.ndarray], n_items: int, c: d
     from tqdm.auto import tqdm
 
     dev = net.items.weight.device
-    from palr.console import progress_enabled
+    from palr.core.console import progress_enabled
 
     rng = np.random.default_rng(int(c["seed"]))
     windows_np, lengths_np = training_windows(train, int(c["max_len"]))

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from palr.core.errors import PalrError
 from palr.data.dataset import Catalog
-from palr.errors import PalrError
 from palr.retrieval.base import save_params
 
 log = logging.getLogger(__name__)

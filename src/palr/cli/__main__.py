@@ -1,0 +1,3 @@
+from palr.cli.main import main
+
+main()

@@ -1,0 +1,282 @@
+"""The PALR pipeline: load a run; recommend for a user or a history; evaluate end to end.
+
+``PALR.load(dir).recommend(user=..., history=..., k=10, explain=True)`` gives the profile, the ranked
+items with scores and, with ``explain``, one grounded sentence per item.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from palr.core.io import write_json
+from palr.core.metrics import DEFAULT_KS, metrics_from_ranks
+from palr.evaluate.retrievers import evaluate_retriever
+from palr.evaluate.tables import compare_ranks, statistics_protocol, write_per_user
+from palr.rank.llm_ranker import positional_ranks
+from palr.rank.pipeline import PALR
+from palr.runs.store import dataset_info
+
+
+# ---------------------------------------------------------------------------- evaluation
+def _rank_all(palr: PALR, hist: list[np.ndarray], profiles: list[str | None], cands: np.ndarray,
+              cscores: np.ndarray, progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """(llm log-probs (U, K) in retriever order, failed (U,), invalid generations, seconds) over all users."""
+    from tqdm.auto import tqdm
+
+    bs = palr.ranker.batch_size
+    lps, failed, invalid = [], [], 0
+    t0 = time.perf_counter()
+    for s in tqdm(range(0, len(hist), bs), desc=desc, disable=not progress, leave=False):
+        r = palr.ranker.rank(hist[s:s + bs], profiles[s:s + bs], cands[s:s + bs], cscores[s:s + bs], weight=0.0)
+        if palr.ranker.mode == "generative":  # positions of the generated order, as pseudo log-probs
+            pos = np.argsort(np.argsort([[list(o).index(c) for c in row] for o, row in zip(r.order, cands[s:s + bs])]))
+            lps.append(-pos.astype(np.float32))
+        else:
+            lps.append(r.llm_logprobs)
+        failed.append(r.failed)
+        invalid += r.invalid_generations
+    return np.concatenate(lps), np.concatenate(failed), invalid, time.perf_counter() - t0
+
+
+def _own_scores(palr: PALR, hist: list[np.ndarray], profiles: list[str | None], cands: np.ndarray,
+                cscores: np.ndarray, users: np.ndarray, progress: bool, desc: str,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fused scores, LLM log-probs, failed), candidates in retriever order, from a ranker that fuses itself."""
+    from tqdm.auto import tqdm
+
+    bs = palr.ranker.batch_size
+    parts = [palr.ranker.score_candidates(hist[s:s + bs], profiles[s:s + bs], cands[s:s + bs], cscores[s:s + bs],
+                                          users=users[s:s + bs])
+             for s in tqdm(range(0, len(hist), bs), desc=desc, disable=not progress, leave=False)]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+
+
+def _fused_ranks(lp: np.ndarray, failed: np.ndarray, cands: np.ndarray, cscores: np.ndarray, targets: np.ndarray,
+                 weight: float, fusion: str) -> np.ndarray:
+    from palr.rank.llm_ranker import floor_missing, fuse, retriever_prior
+
+    fused = fuse(floor_missing(lp), weight, cscores, fusion)
+    fused[failed] = retriever_prior(cands.shape, cscores, fusion)[failed]
+    return positional_ranks(fused, cands, targets)
+
+
+def choose_zero_shot_weight(palr: PALR, n_users: int, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Fusion kind and weight for a zero-shot LLM, chosen on ``n_users`` seeded **validation** users."""
+    from palr.rank.llm_ranker import choose_weight
+
+    split = palr.split
+    rng = np.random.default_rng(seed + 11)
+    users = np.sort(rng.choice(len(split.train), size=min(n_users, len(split.train)), replace=False))
+    hist = [split.train[u] for u in users]
+    cands, cscores = palr.candidates(hist)
+    lp, failed, _, secs = _rank_all(palr, hist, palr.profiles.texts(hist), cands, cscores, progress,
+                                    "LLM ranking (valid)")
+    from palr.rank.llm_ranker import floor_missing
+
+    lp = floor_missing(lp)
+    lp[failed] = 0.0  # a failed user: the LLM adds nothing, the prior decides
+    kind, w, table = choose_weight(lp, cands, split.valid_targets[users], scores=cscores)
+    return {"fusion": kind, "weight": w, "table": {k: round(v, 5) for k, v in table.items()},
+            "valid_users": len(users), "valid_failures": int(failed.sum()), "seconds": round(secs, 1)}
+
+
+def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_KS, progress: bool = True,
+                  latency_users: int = 100, users: np.ndarray | None = None) -> dict[str, Any] | None:
+    """Retriever alone (full ranking), PALR end to end (a retrieval miss counts as a miss; the run's fusion
+    weight), the LLM alone (weight 0), PALR on the users whose target was retrieved, the ranking time per user
+    and the LLM's failures. ``users``: a subset (all by default); the retriever's figures are then on the same
+    subset.
+
+    Under a launcher with several processes (``torchrun``, ``accelerate launch``) each process ranks a block of
+    whole batches of users and the main process gathers the per-user results: the figures are those of one
+    process. The main process gets the result, the others None."""
+    from palr.core import distributed
+    from palr.core.console import progress_enabled
+    from palr.rank.llm_ranker import floor_missing, fuse, order_by, retriever_prior
+
+    split = palr.split
+    everyone = np.arange(split.dataset.n_users) if users is None else np.asarray(users)
+    bs = palr.ranker.batch_size
+    retr_bs = 512
+    # whole batches of both the retriever and the LLM: every batch holds the users it holds in one process
+    sel = everyone[distributed.shard(len(everyone), math.lcm(retr_bs, bs))]
+    show = progress_enabled(progress) and distributed.is_main()
+    retr = evaluate_retriever(palr.retriever, split, stage, ks, candidates=palr.ranking["n_candidates"],  # type: ignore[arg-type]
+                              predictions=max(max(ks), 10), batch_size=retr_bs, users=sel)
+    assert retr is not None
+    all_hist = split.histories(stage)  # type: ignore[arg-type]
+    hist = [all_hist[u] for u in sel]
+    targets = split.targets(stage)[sel]  # type: ignore[arg-type]
+    cands = retr["candidates"]
+    cscores = retr["candidate_scores"]
+    t0 = time.perf_counter()
+    profiles = palr.profiles.texts(hist)
+    prof_s = time.perf_counter() - t0
+    K = cands.shape[1]
+    own = hasattr(palr.ranker, "score_candidates")  # the feature ranker and the fused PALR ranker fuse themselves
+    if own and len(hist):
+        fused, lp, failed_mask = _own_scores(palr, hist, profiles, cands, cscores, sel, show, f"ranking ({stage})")
+        invalid = 0
+    elif len(hist):
+        lp, failed_mask, invalid, _ = _rank_all(palr, hist, profiles, cands, cscores, show, f"PALR ranking ({stage})")
+    else:
+        lp, failed_mask, invalid = np.empty((0, K), np.float32), np.zeros(0, dtype=bool), 0
+        fused = np.empty((0, K))
+    w, fusion = float(palr.ranker.weight), palr.ranker.fusion
+    if not own:
+        fused = fuse(floor_missing(lp), w, cscores, fusion)
+        fused[failed_mask] = retriever_prior(cands.shape, cscores, fusion)[failed_mask]
+    order, _ = order_by(fused, cands)
+    ranks_part = positional_ranks(fused, cands, targets)
+    # the LLM was not consulted (the feature ranker, or a fused ranker whose LLM weight is 0): no "LLM alone" row,
+    # which would otherwise be the retriever's order relabelled
+    no_llm = own and (float(palr.ranker.weight) == 0.0 or not np.isfinite(lp).any())
+    part = {"order": order, "ranks": ranks_part,
+            "llm_ranks": ranks_part if no_llm else
+            _fused_ranks(lp, failed_mask, cands, cscores, targets, 0.0, "rank" if own else fusion),
+            "hit": np.array([t in row for row, t in zip(cands, targets)], dtype=bool),
+            "retr_ranks": retr["ranks"], "retr_predictions": retr["predictions"], "targets": targets,
+            "failed": failed_mask, "invalid": invalid}
+    g = distributed.gather_arrays(part)
+    if g is None:
+        return None
+    rank_s = time.perf_counter() - t0
+    ranks, hit = g["ranks"], g["hit"]
+    # per-user latency: one user at a time, as a service would (the main process, on its own users)
+    rng = np.random.default_rng(0)
+    lat_users = rng.choice(len(hist), size=min(latency_users, len(hist)), replace=False)
+    lat = []
+    for u in lat_users:
+        t1 = time.perf_counter()
+        palr.ranker.rank([hist[u]], [profiles[u]], cands[u:u + 1], cscores[u:u + 1], users=sel[u:u + 1])
+        lat.append(time.perf_counter() - t1)
+    retr_name = palr.retriever_name
+    llm_ranks = g["llm_ranks"]
+    results = {
+        f"{retr_name} (retriever)": {stage: {**metrics_from_ranks(g["retr_ranks"], ks), f"Recall@{K}": float(hit.mean())}},
+        "PALR (end to end)": {stage: {**metrics_from_ranks(ranks, ks), f"Recall@{K}": float(hit.mean())}},
+        "LLM alone (end to end)": {stage: {**metrics_from_ranks(llm_ranks, ks), f"Recall@{K}": float(hit.mean())}},
+        "PALR (target retrieved)": {stage: metrics_from_ranks(ranks[hit], ks)},
+        f"{retr_name} (target retrieved)": {stage: metrics_from_ranks(g["retr_ranks"][hit], ks)},
+    }
+    timings = {"ranking_s": round(rank_s, 3), "ranking_ms_per_user_batched": round(1000 * rank_s / len(ranks), 3),
+               "profiles_s": round(prof_s, 3), "latency_users": len(lat),
+               "retriever_eval_s": round(retr["seconds"], 3), "processes": distributed.world_size()}
+    if lat:
+        timings["ranking_ms_per_user_median"] = round(1000 * statistics.median(lat), 3)
+    retr_ranks = g["retr_ranks"]
+    per_user_ranks = {f"{retr_name} (retriever)": {stage: retr_ranks}, "PALR (end to end)": {stage: ranks},
+                      "LLM alone (end to end)": {stage: llm_ranks},
+                      "PALR (target retrieved)": {stage: ranks[hit]},
+                      f"{retr_name} (target retrieved)": {stage: retr_ranks[hit]}}
+    pairs = [("PALR (end to end)", f"{retr_name} (retriever)"),
+             ("LLM alone (end to end)", f"{retr_name} (retriever)"),
+             ("PALR (target retrieved)", f"{retr_name} (target retrieved)")]
+    if no_llm:
+        for d in (results, per_user_ranks):
+            d.pop("LLM alone (end to end)")
+        pairs = [p for p in pairs if p[0] != "LLM alone (end to end)"]
+    pairs = [(a, b) for a, b in pairs if len(per_user_ranks[a][stage])]  # no target retrieved: nothing to pair
+    return {"results": results, "timings": timings, "order": g["order"], "retriever_predictions": g["retr_predictions"],
+            "users": everyone, "targets": g["targets"], "ranks": per_user_ranks,
+            "comparisons": compare_ranks(per_user_ranks, pairs, ks), "llm_failures": int(g["failed"].sum()),
+            "invalid_generations": g["invalid"]}
+
+
+def evaluate_palr_run(run: str | Path, out: str | Path | None = None, predictions: str | Path | None = None,
+                      retriever_predictions: str | Path | None = None, data_dir: str | Path | None = None,
+                      mode: str | None = None, progress: bool = True,
+                      per_user: str | Path | None = None, *, llm: str | None = None,
+                      allow_fallback: bool = True, n_users: int = 0, seed: int = 0, n_candidates: int | None = None,
+                      valid_users: int | None = None, profiler: str | None = None,
+                      latency_users: int = 100, weight: float | None = None,
+                      fusion: str | None = None) -> dict[str, Any] | None:
+    """`palr evaluate --run RUN [--llm SPEC]`: the test split, retriever and PALR measured in one run; PALR (and
+    the LLM alone) compared with its retriever on the same users (paired-bootstrap 95% CIs of the difference and
+    ratio, p-value).
+
+    A retriever run with ``llm`` is ranked zero-shot; its fusion weight is chosen on ``valid_users`` seeded
+    validation users (default: as many as test users), never on test. ``n_users``: a seeded subset of test users
+    (0 = all). ``weight``/``fusion``: a fusion chosen elsewhere (on validation users), instead of choosing it here.
+
+    Under a launcher with several processes the users are sharded (:func:`evaluate_palr`); the main process writes
+    the files and returns the document, the others return None."""
+    from palr.core import distributed
+    from palr.evaluate.tables import write_predictions
+
+    distributed.init()  # before the model loads: each process takes its own GPU
+    palr = PALR.load(run, data_dir, mode=mode, llm=llm, allow_fallback=allow_fallback, n_candidates=n_candidates,
+                     profiler=profiler, weight=weight)
+    if fusion is not None:
+        palr.ranker.fusion = palr.ranking["fusion"] = fusion
+    split = palr.split
+    users = None
+    if n_users and n_users < split.dataset.n_users:
+        users = np.sort(np.random.default_rng(seed).choice(split.dataset.n_users, size=n_users, replace=False))
+    selection = None
+    if palr.ranking.get("zero_shot") and weight is None:
+        nv = valid_users if valid_users is not None else (n_users or split.dataset.n_users)
+        if nv > 0:
+            selection = choose_zero_shot_weight(palr, nv, seed, progress)
+            palr.ranker.weight, palr.ranker.fusion = selection["weight"], selection["fusion"]
+            palr.ranking.update(weight=selection["weight"], fusion=selection["fusion"])
+    ev = evaluate_palr(palr, "test", progress=progress, users=users, latency_users=latency_users)
+    if ev is None:
+        return None
+    if predictions:
+        write_predictions(predictions, split.dataset, ev["order"], users=ev["users"])
+    if retriever_predictions:
+        write_predictions(retriever_predictions, split.dataset, ev["retriever_predictions"], users=ev["users"])
+    retr_name = palr.retriever_name
+    if per_user:
+        write_per_user(per_user, split.dataset, ev["users"], ev["targets"],
+                       {m: ev["ranks"][m]["test"] for m in ("PALR (end to end)", f"{retr_name} (retriever)")})
+    n = len(ev["users"])
+    counts = palr.llm_counts()
+    doc = {"protocol": {**split.dataset.protocol, "ks": list(DEFAULT_KS),
+                        "candidates": palr.ranking["n_candidates"],
+                        "end_to_end": "a target the retriever did not return counts as a miss",
+                        "fusion_weight": palr.ranker.weight, "fusion": palr.ranker.fusion,
+                        "fusion_weight_chosen_on": "validation users",
+                        "ranking_mode": palr.ranker.mode, "prompt_style": palr.ranking["style"],
+                        "llm": counts["name"], "zero_shot": bool(palr.ranking.get("zero_shot")),
+                        "profiler": counts["profiler"], "test_users": n,
+                        "test_users_seed": seed if users is not None else None},
+           "dataset": dataset_info(split.dataset), "results": ev["results"],
+           "comparisons": ev["comparisons"], "statistics": statistics_protocol(), "timings": ev["timings"],
+           "llm_failures": ev["llm_failures"], "llm_failure_share": round(ev["llm_failures"] / max(n, 1), 4),
+           "invalid_generations": ev["invalid_generations"], "llm": counts}
+    if selection is not None:
+        doc["fusion_selection"] = selection
+    if out:
+        write_json(out, doc)
+    if not palr.ranking.get("zero_shot") and not llm and users is None:  # the run's own model on every test user
+        save_test_evaluation(Path(run), doc, ev, retr_name)
+    doc["ranks"] = ev["ranks"]  # per test user (not written; --per-user writes them)
+    return doc
+
+
+def save_test_evaluation(run: Path, doc: dict[str, Any], ev: dict[str, Any], retriever_name: str) -> None:
+    """Keep the test evaluation in the run (``test_results.json`` + per-user ranks in ``test_ranks.npz``) for
+    ``palr report`` and the model card. Ranks: retriever = full ranking, PALR = end to end (10**9 = not retrieved)."""
+    import os
+    import tempfile
+
+    from palr.runs.card import write_model_card
+
+    write_json(run / "test_results.json", doc)
+    fd, tmp = tempfile.mkstemp(dir=run, prefix=".test_ranks.", suffix=".npz")
+    os.close(fd)
+    np.savez_compressed(tmp, users=np.asarray(ev["users"], dtype=np.int64), targets=np.asarray(ev["targets"]),
+                        palr=np.asarray(ev["ranks"]["PALR (end to end)"]["test"], dtype=np.int64),
+                        retriever=np.asarray(ev["ranks"][f"{retriever_name} (retriever)"]["test"], dtype=np.int64))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, run / "test_ranks.npz")
+    write_model_card(run)

@@ -1,0 +1,320 @@
+"""The PALR pipeline: load a run; recommend for a user or a history; evaluate end to end.
+
+``PALR.load(dir).recommend(user=..., history=..., k=10, explain=True)`` gives the profile, the ranked
+items with scores and, with ``explain``, one grounded sentence per item.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from palr.core.errors import InputError, PalrError, UnknownUserError
+from palr.core.topk import top_k
+from palr.data import Split, load_split
+from palr.rank.llm_ranker import PromptBuilder, Ranker, RankingConfig
+from palr.retrieval.base import load_retriever
+from palr.runs.store import check_dataset, read_run, run_data_spec
+
+log = logging.getLogger(__name__)
+
+
+MAX_USER_ID = 256  # characters of a user id (CLI and HTTP service alike)
+
+
+MAX_HISTORY = 2000  # item ids in a given history
+
+
+MAX_ITEM_ID = 128  # characters of an item id
+
+
+MODES = ("verbalizer", "generative")
+
+
+def short(text: str, n: int = 40) -> str:
+    """``text`` cut to ``n`` characters (messages never echo large input)."""
+    return text if len(text) <= n else text[:n] + f"...(+{len(text) - n:,} chars)"
+
+
+@dataclass
+class Recommendation:
+    user: str | None
+    profile: str
+    items: list[dict[str, Any]]  # {"item", "title", "score", "retriever_rank", "explanation"?, "because"?}
+    notes: list[str] = field(default_factory=list)
+    llm: dict[str, Any] = field(default_factory=dict)  # name, ranked_by, failures, fallbacks, scoring
+    matches: list[dict[str, Any]] = field(default_factory=list)  # --history-titles: what each title matched
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"user": self.user, "profile": self.profile, "items": self.items, "notes": self.notes,
+                "llm": self.llm, "matches": self.matches}
+
+
+def _run_kind(run: Path) -> str:
+    import json
+
+    read_run(run)  # complete, right format
+    return str(json.loads((run / "run.json").read_text()).get("kind"))
+
+
+class PALR:
+    """A loaded run: retriever + profiler + LLM ranker over the data set it was trained on.
+
+    ``PALR.load(PALR_RUN)``: the run's fine-tuned model. ``PALR.load(RETRIEVER_RUN, llm=SPEC)``: any LLM ranks that
+    run's candidates zero-shot with PALR's prompts (``llm`` also replaces a PALR run's own model, e.g. the same
+    model served over ``openai:``). LLM and profiler are built through their registries from the run's
+    :class:`palr.ranking.RankingConfig`.
+    """
+
+    def __init__(self, run: Path, config: dict[str, Any], split: Split, retriever: Any, ranker: Any,
+                 ranking: dict[str, Any], profiles: Any = None) -> None:
+        self.run, self.config, self.split, self.retriever, self.ranker, self.ranking = run, config, split, retriever, ranker, ranking
+        if profiles is None:
+            from palr.rank.profiles import AttributeProfiler, HistoryProfiles
+
+            profiles = HistoryProfiles(split.dataset.name, split.dataset.catalog, AttributeProfiler(),
+                                       enabled=bool(ranking.get("profiles", True)))
+        self.profiles = profiles
+
+    @classmethod
+    def load(cls, run: str | Path, data_dir: str | Path | None = None, mode: str | None = None,
+             device: str = "auto", *, llm: str | None = None, allow_fallback: bool = True,
+             profiler: str | None = None, n_candidates: int | None = None, weight: float | None = None,
+             profile_cache: str | Path | None = None, features: bool = True) -> PALR:
+        """Load a PALR run, or a retriever run with ``llm`` (zero-shot). ``allow_fallback=False``: an unreachable
+        LLM stops every call with :class:`palr.core.errors.LLMUnavailable` instead of keeping the retriever's order."""
+        from palr.llm.registry import load_llm
+        from palr.rank.profiles import HistoryProfiles, ProfileCache, make_profiler
+
+        if mode is not None and mode not in MODES:
+            raise InputError(f"unknown ranking mode {short(mode)!r}: choose {' or '.join(MODES)}")
+        run = Path(run)
+        kind = _run_kind(run)
+        if kind == "palr":
+            cfg = read_run(run, "palr")
+            split = load_split(run_data_spec(cfg, data_dir))
+            check_dataset(cfg, split.dataset, run)
+            raw = json.loads((run / "ranking.json").read_text())
+            rc = RankingConfig.from_dict(raw)
+            retriever = load_retriever(run / "retriever")
+            if raw.get("ranker") == "features":  # the feature re-ranker: no LLM, no profiles
+                from palr.rank.trees import FeatureRanker
+
+                return cls(run, cfg, split, retriever, FeatureRanker.load(run / raw["ranker_dir"]), raw)
+            if llm:
+                raw = {**raw, "llm": llm}
+        elif kind == "retriever":
+            if not llm:
+                raise PalrError(f"{run} is a retriever run: give --llm SPEC to rank its candidates with an LLM "
+                                "(zero-shot), or use a PALR run (palr finetune)")
+            from palr.retrieval.load import load_run
+
+            cfg, retriever, split = load_run(run, data_dir)
+            rc = RankingConfig(style="text", n_candidates=20, llm=llm)
+            raw = {**asdict(rc), "zero_shot": True}
+        else:
+            raise PalrError(f"{run} is a {kind!r} run; recommend/evaluate/serve need a PALR or retriever run")
+        if n_candidates:
+            raw["n_candidates"] = rc.n_candidates = int(n_candidates)
+        if weight is not None:
+            raw["weight"] = rc.weight = float(weight)
+        if profiler:
+            raw["profiler"] = rc.profiler = profiler
+        spec, options = (llm, {}) if llm else rc.llm_spec(run)
+        if spec.split(":", 1)[0] in ("hf", "mini") or Path(spec).exists():
+            options = {"device": device, **options}
+        model = load_llm(spec, **options)
+        builder = PromptBuilder(split.dataset.catalog, rc.style, rc.history_len)  # type: ignore[arg-type]
+        ranker: Any = Ranker(model, builder, mode=mode or rc.mode, weight=rc.weight,  # type: ignore[arg-type]
+                             batch_size=64 if rc.style == "tokens" else 8, fusion=rc.fusion,
+                             allow_fallback=allow_fallback)
+        if raw.get("features") and features and not llm and ranker.mode == "verbalizer":
+            from palr.rank.fusion import FusedRanker  # the PALR ranker: LLM + feature ranker
+            from palr.rank.trees import FeatureRanker
+
+            ranker = FusedRanker(ranker, FeatureRanker.load(run / raw["features"]["dir"]), float(raw["features"]["weight"]))
+        if profile_cache is None and kind == "palr" and (run / "profiles.sqlite").is_file():
+            profile_cache = run / "profiles.sqlite"  # the very profiles fine-tuning read
+        cache = ProfileCache(profile_cache) if profile_cache else None
+        prof = make_profiler(spec=rc.profiler, ranking_llm=model, allow_fallback=allow_fallback)
+        profiles = HistoryProfiles(split.dataset.name, split.dataset.catalog, prof, cache, enabled=rc.profiles)
+        raw["llm_name"] = getattr(model, "name", spec)
+        return cls(run, cfg, split, retriever, ranker, raw, profiles)
+
+    # -------------------------------------------------------------------- helpers
+    @property
+    def catalog(self) -> Any:
+        return self.split.dataset.catalog
+
+    @property
+    def retriever_name(self) -> str:
+        r = self.config["config"]["retriever"]
+        return str(r["retriever"] if isinstance(r, dict) else r)
+
+    def profile_text(self, history: Sequence[int]) -> str | None:
+        return self.profiles(history)
+
+    def candidates(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return top_k(self.retriever.score(list(histories)), histories, self.ranking["n_candidates"])
+
+    def llm_counts(self) -> dict[str, Any]:
+        """LLM failures and fallbacks so far (ranking and profiles), for results and responses."""
+        llm = self.ranker.llm
+        return {"name": self.ranking.get("llm_name", getattr(llm, "name", "")),
+                "ranking_fallback_users": int(self.ranker.failed_users),
+                "request_failures": int(getattr(llm, "failures", 0)),
+                "profiler": self.profiles.name, "llm_profiles": self.profiles.llm_profiles,
+                "profile_fallbacks": self.profiles.fallbacks,
+                "scoring": getattr(llm, "last_scoring", "logprobs")}
+
+    def resolve_history(self, user: str | None, history: Sequence[str] | None,
+                        history_titles: Sequence[str] | None = None) -> tuple[np.ndarray, list[str], list[Any]]:
+        """Dense item indices of a known user's whole history, of the given item ids, or of the catalogue items
+        the given titles match (unknown ids and repeats dropped, with a note; every title's match reported);
+        refuses both a user and a history, or neither, an over-long user id or history."""
+        notes: list[str] = []
+        matches: list[Any] = []
+        if history_titles is not None:
+            from palr.data.titles import match_titles
+
+            if len(history_titles) > MAX_HISTORY:
+                raise InputError(f"a history holds at most {MAX_HISTORY:,} titles, got {len(history_titles):,}")
+            matches = match_titles(self.catalog, [short(t, 200) for t in history_titles])
+            missed = [short(m.query, 40) for m in matches if m.item is None]
+            if missed:
+                notes.append(f"titles not found in the catalogue (ignored): {' | '.join(missed[:10])}")
+            history = list(history or []) + [m.item for m in matches if m.item is not None]
+        if (user is None) == (history is None):
+            raise InputError("give a user id or a history, not both" if user is not None else
+                             "give a user id or a history")
+        if history is not None:
+            if len(history) > MAX_HISTORY:
+                raise InputError(f"a history holds at most {MAX_HISTORY:,} item ids, got {len(history):,}")
+            known: list[int] = []
+            seen: set[int] = set()
+            unknown: list[str] = []
+            for h in history:
+                if self.catalog.has(h):
+                    i = self.catalog.index_of(h)
+                    if i not in seen:
+                        seen.add(i)
+                        known.append(i)
+                else:
+                    unknown.append(h)
+            if unknown:
+                shown = ", ".join(short(u, 20) for u in unknown[:5])
+                notes.append(f"{len(unknown):,} unknown item id(s) ignored" +
+                             (f" (first 5: {shown})" if len(unknown) > 5 else f": {shown}"))
+            if len(known) < sum(1 for h in history if self.catalog.has(h)):
+                notes.append("repeated item ids counted once")
+            return np.asarray(known, dtype=np.int64), notes, matches
+        assert user is not None
+        if len(user) > MAX_USER_ID:
+            raise InputError(f"a user id has at most {MAX_USER_ID} characters, got {len(user):,}")
+        try:
+            u = self.split.dataset.user_index(user)
+        except KeyError:
+            raise UnknownUserError(f"unknown user {short(user, 40)!r} in {self.split.dataset.name}; give a history "
+                                   "of item ids (or titles) to recommend for a new user") from None
+        return self.split.dataset.sequences[u], notes, matches  # everything the user did
+
+    @property
+    def max_k(self) -> int:
+        """The most items one recommendation can hold: the candidate count (capped by the catalogue)."""
+        return int(min(self.ranking["n_candidates"], self.split.n_items))
+
+    # -------------------------------------------------------------------- recommend
+    def recommend(self, user: str | None = None, history: Sequence[str] | None = None, k: int = 10,
+                  explain: bool = False, history_titles: Sequence[str] | None = None,
+                  llm_explanations: bool = False) -> Recommendation:
+        """Top-k items for a known user (their whole history), a given history of item ids, or of titles.
+
+        ``k`` runs from 1 to :attr:`max_k`; a history that leaves fewer than ``k`` unseen items gives fewer, with a
+        note. Invalid input raises :class:`InputError`, an unknown user :class:`UnknownUserError`."""
+        if not 1 <= k <= self.max_k:
+            raise InputError(f"k must be between 1 and {self.max_k} (the candidate count), got {k}")
+        from palr.rank.explain import explain_items, explain_popular
+
+        hist, notes, matches = self.resolve_history(user, history, history_titles)
+        match_docs = [m.to_dict() for m in matches]
+        if len(hist) == 0:
+            notes.append("empty or unknown history: falling back to popularity (not ranked by the LLM)")
+            counts = self.popularity
+            order = np.lexsort((np.arange(len(counts)), -counts))[:k]
+            items = []
+            for i in order:
+                it = {"item": self.catalog.item_ids[i], "title": self.catalog.titles[i], "score": None,
+                      "popularity": int(counts[i]), "retriever_rank": None, "ranked_by": "popularity"}
+                if explain:
+                    it.update(explanation=explain_popular(int(counts[i]), len(self.split.train)).text, because=[])
+                items.append(it)
+            return Recommendation(user, "no history", items, notes, {**self.llm_counts(), "ranked_by": "popularity"},
+                                  match_docs)
+        left = self.split.n_items - len(np.unique(hist))
+        if left < self.ranking["n_candidates"]:
+            notes.append(f"the history covers {self.split.n_items - left:,} of the {self.split.n_items:,} items: "
+                         f"{left:,} unseen item(s) left to rank")
+        if left == 0:
+            return Recommendation(user, self.profile_text(hist) or "", [], notes, self.llm_counts(), match_docs)
+        cands, cscores = top_k(self.retriever.score([hist]), [hist], min(self.ranking["n_candidates"], left))
+        profile = self.profile_text(hist)
+        u = np.array([self.split.dataset.user_index(user)]) if user is not None and history is None else None
+        res = self.ranker.rank([hist], [profile], cands, cscores, users=u)
+        if res.failed[0]:
+            notes.append("the LLM failed for this user: the retriever's order stands")
+        notes += res.notes
+        ranked_by = "retriever (LLM failed)" if res.failed[0] else "llm"
+        retr_rank = {int(c): r + 1 for r, c in enumerate(cands[0])}
+        items = [self._item(int(i), float(s), retr_rank[int(i)]) for i, s in zip(res.order[0][:k], res.scores[0][:k])]
+        if explain:
+            idx = [self.catalog.index_of(x["item"]) for x in items]
+            expl = explain_items(self.catalog, hist, idx, getattr(self.retriever, "item_vectors", None))
+            sources = ["template"] * len(expl)
+            if llm_explanations:
+                if self.ranker.builder.style != "text":
+                    notes.append("LLM explanations need a text LLM (this run's model reads item tokens): templates")
+                else:
+                    from palr.rank.explain import llm_explanations as written
+
+                    expl, sources = (list(x) for x in zip(*written(self.ranker.llm, self.catalog, idx, expl)))
+            for it, e, src in zip(items, expl, sources):
+                d = e.to_dict(self.catalog)
+                it.update(explanation=d["text"], because=d["because"], explanation_source=src)
+        return Recommendation(user, profile or "", items, notes, {**self.llm_counts(), "ranked_by": ranked_by},
+                              match_docs)
+
+    # -------------------------------------------------------------------- catalogue
+    @property
+    def popularity(self) -> np.ndarray:
+        """(n_items,) interactions per item in the training split (computed once)."""
+        if getattr(self, "_popularity", None) is None:
+            self._popularity = np.bincount(np.concatenate(self.split.train), minlength=self.split.n_items)
+        return self._popularity
+
+    def search(self, query: str, limit: int = 20) -> tuple[int, list[int]]:
+        """Items whose title holds every word of ``query`` (case-insensitive), most popular first.
+        Returns (number of matches, the first ``limit`` item indices)."""
+        words = query.lower().split()
+        if getattr(self, "_lower_titles", None) is None:
+            self._lower_titles = [t.lower() for t in self.catalog.titles]
+        hits = [i for i, t in enumerate(self._lower_titles) if all(w in t for w in words)]
+        pop = self.popularity
+        hits.sort(key=lambda i: (-int(pop[i]), self.catalog.titles[i], i))
+        return len(hits), hits[:limit]
+
+    def user_history(self, user: str) -> np.ndarray:
+        """A known user's whole history (dense item indices, oldest first)."""
+        return self.resolve_history(user, None)[0]
+
+    def _item(self, i: int, score: float, retriever_rank: int) -> dict[str, Any]:
+        return {"item": self.catalog.item_ids[i], "title": self.catalog.titles[i], "score": round(score, 5),
+                "retriever_rank": retriever_rank}
+
+
+__all__ = ["PALR", "Recommendation"]

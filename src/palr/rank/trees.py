@@ -1,0 +1,201 @@
+"""The feature re-ranker: gradient-boosted trees (LightGBM, lambdarank) over :mod:`palr.features`.
+
+Trained on **genuine candidates**: each validation user's retriever top-K for the validation target, with
+the retriever fitted on the training split only (so the validation targets were not in its training
+data, as the test targets are not). A seeded share of the validation users (``holdout``) is held out:
+the trees never train on it; it stops the boosting (best NDCG@10 there) and is where PALR's stacked
+ranker later chooses its settings. The test split is never used.
+
+``palr finetune --run RETRIEVER_RUN --ranker features --out F`` writes a PALR run (``ranking.json``:
+``"ranker": "features"``) that ``palr evaluate --run F`` scores like any PALR run. ``extra`` features
+(the LLM's scores: :mod:`palr.stacking`) ride on the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from palr.core.errors import PalrError
+from palr.data.dataset import Split
+from palr.rank.features import CandidateFeatures
+from palr.rank.llm_ranker import RankResult, order_by, positional_ranks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureRankerConfig:
+    """Every knob of the feature re-ranker (saved in the run's config.json)."""
+
+    n_candidates: int = 50
+    holdout: float = 0.2  # share of validation users held out (early stopping, later fusion choices)
+    rounds: int = 1000  # boosting rounds at most (early stopping picks fewer)
+    early_stopping: int = 50
+    learning_rate: float = 0.05
+    num_leaves: int = 31
+    min_data_in_leaf: int = 50
+    feature_fraction: float = 0.9
+    text_encoder: str = "auto"  # "auto" (MiniLM if the text extra is installed, else TF-IDF), "minilm", "tfidf"
+    threads: int = 2
+    seed: int = 0
+
+
+def require_lightgbm() -> Any:
+    try:
+        import lightgbm
+    except ImportError:
+        raise PalrError("the feature ranker needs LightGBM: pip install 'palr[rank]' (or fine-tune with "
+                        "--no-features)") from None
+    return lightgbm
+
+
+def split_users(n_users: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit users, held-out users), a seeded partition of the validation users (both sorted)."""
+    if not 0 < holdout < 1:
+        raise PalrError(f"holdout must be in (0, 1), got {holdout}")
+    perm = np.random.default_rng(seed + 11).permutation(n_users)
+    k = max(1, round(holdout * n_users))
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def labelled(cands: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows with the target among the candidates, (B, K) 0/1 labels): other lists teach a ranker nothing."""
+    lab = (cands == targets[:, None]).astype(np.float32)
+    return np.flatnonzero(lab.sum(axis=1) > 0), lab
+
+
+def fit_trees(X: np.ndarray, y: np.ndarray, Xh: np.ndarray, yh: np.ndarray, cfg: FeatureRankerConfig,
+              names: list[str]) -> Any:
+    """LightGBM lambdarank on (U, K, F) lists; early stopping on the held-out lists' NDCG@10."""
+    lgb = require_lightgbm()
+    K = X.shape[1]
+    params = {"objective": "lambdarank", "metric": "ndcg", "eval_at": [10], "learning_rate": cfg.learning_rate,
+              "num_leaves": cfg.num_leaves, "min_data_in_leaf": cfg.min_data_in_leaf,
+              "feature_fraction": cfg.feature_fraction, "bagging_seed": cfg.seed, "feature_fraction_seed": cfg.seed,
+              "seed": cfg.seed, "deterministic": True, "num_threads": cfg.threads, "verbosity": -1,
+              "lambdarank_truncation_level": 20}
+    train = lgb.Dataset(X.reshape(-1, X.shape[2]), y.reshape(-1), group=[K] * len(X), feature_name=names,
+                        free_raw_data=True)
+    hold = lgb.Dataset(Xh.reshape(-1, Xh.shape[2]), yh.reshape(-1), group=[K] * len(Xh), reference=train)
+    booster = lgb.train(params, train, cfg.rounds, valid_sets=[hold], valid_names=["holdout"],
+                        callbacks=[lgb.early_stopping(cfg.early_stopping, verbose=False)])
+    return booster
+
+
+def break_ties(pred: np.ndarray) -> np.ndarray:
+    """Trees give equal scores to candidates in the same leaves: such ties go to the retriever's order
+    (a step of 1e-9 per rank, far below any split of the trees' outputs), so that the pessimistic
+    metrics and the written order agree."""
+    K = pred.shape[1]
+    return pred.astype(np.float64) + 1e-9 * np.arange(K, 0, -1, dtype=np.float64)[None, :]
+
+
+class FeatureRanker:
+    """Scores candidate lists with the fitted trees; same ``rank`` contract as :class:`palr.ranking.Ranker`."""
+
+    mode = "features"
+    fusion = "trees"  # no LLM: the trees' score orders the candidates (``weight`` is not used)
+    weight = 0.0
+    llm = None
+    failed_users = 0
+
+    def __init__(self, features: CandidateFeatures, booster: Any, batch_size: int = 512) -> None:
+        self.features, self.booster, self.batch_size = features, booster, batch_size
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        B, K, F = X.shape
+        return self.booster.predict(X.reshape(-1, F), num_iteration=self.booster.best_iteration or None).reshape(B, K)
+
+    def scores(self, histories: list[np.ndarray], candidates: np.ndarray, scores: np.ndarray,
+               users: np.ndarray | None = None, extra: np.ndarray | None = None) -> np.ndarray:
+        X = self.features.transform(histories, candidates, scores, users)
+        if extra is not None:
+            X = np.concatenate([X, extra.astype(np.float32)], axis=2)
+        return self.predict(X)
+
+    def score_candidates(self, histories: list[np.ndarray], profiles: Any, candidates: np.ndarray,
+                         scores: np.ndarray | None = None, users: np.ndarray | None = None,
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores (B, K) in candidate order, LLM log-probs: NaN, failed: none)."""
+        s = np.zeros(candidates.shape, np.float32) if scores is None else scores
+        fused = break_ties(self.scores(list(histories), candidates, s, users))
+        return fused, np.full(candidates.shape, np.nan, np.float32), np.zeros(len(histories), bool)
+
+    def rank(self, histories: list[np.ndarray], profiles: Any, candidates: np.ndarray,
+             scores: np.ndarray | None = None, weight: float | None = None, users: np.ndarray | None = None,
+             ) -> RankResult:
+        t0 = time.perf_counter()
+        fused, _, _ = self.score_candidates(histories, profiles, candidates, scores, users)
+        order, ordered = order_by(fused, candidates)
+        return RankResult(order, ordered, np.full(candidates.shape, np.nan, np.float32),
+                          np.zeros(len(histories), bool), time.perf_counter() - t0)
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        self.features.save(directory / "features")
+        (directory / "trees.txt").write_text(self.booster.model_to_string())
+
+    @classmethod
+    def load(cls, directory: Path) -> FeatureRanker:
+        lgb = require_lightgbm()
+        directory = Path(directory)
+        booster = lgb.Booster(model_str=(directory / "trees.txt").read_text())
+        return cls(CandidateFeatures.load(directory / "features"), booster)
+
+
+def feature_lists(features: CandidateFeatures, split: Split, cands: np.ndarray, scores: np.ndarray,
+                  users: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """(len(users), K, F) features of the validation lists of ``users`` (history = the training sequence)."""
+    out = []
+    for s in range(0, len(users), batch):
+        u = users[s:s + batch]
+        out.append(features.transform([split.train[i] for i in u], cands[u], scores[u], u))
+    return np.concatenate(out) if out else np.zeros((0, cands.shape[1], len(features.names)), np.float32)
+
+
+def fit_feature_ranker(split: Split, valid_cands: tuple[np.ndarray, np.ndarray], cfg: FeatureRankerConfig,
+                       extra: np.ndarray | None = None, extra_names: list[str] | None = None,
+                       features: CandidateFeatures | None = None) -> tuple[FeatureRanker, dict[str, Any]]:
+    """Fit on the fit share of validation users, stop early on the held-out share.
+
+    ``extra``: (U, K, E) more features for every validation list (row u = user u), e.g. the LLM's scores.
+    Returns the ranker and {"holdout_ndcg@10": trees, "holdout_ndcg@10_retriever": ..., "rounds": ...}.
+    """
+    from palr.core.metrics import ndcg
+
+    t0 = time.perf_counter()
+    cands, scores = valid_cands
+    targets = split.valid_targets
+    feats = features or CandidateFeatures().fit(split, cfg.text_encoder, cfg.seed)
+    fit_u, hold_u = split_users(len(split.train), cfg.holdout, cfg.seed)
+    rows, lab = labelled(cands, targets)
+    fit_l, hold_l = np.intersect1d(fit_u, rows), np.intersect1d(hold_u, rows)
+    X = feature_lists(feats, split, cands, scores, np.concatenate([fit_l, hold_u]))
+    if extra is not None:
+        X = np.concatenate([X, extra[np.concatenate([fit_l, hold_u])].astype(np.float32)], axis=2)
+    names = feats.names + list(extra_names or [])
+    Xf, Xh_all = X[:len(fit_l)], X[len(fit_l):]
+    in_hold = np.isin(hold_u, hold_l)
+    if len(fit_l) < 2 or in_hold.sum() < 1:
+        raise PalrError(f"too few validation users with the target among the candidates to fit the feature ranker "
+                        f"({len(fit_l)} to fit, {int(in_hold.sum())} held out)")
+    booster = fit_trees(Xf, lab[fit_l], Xh_all[in_hold], lab[hold_l], cfg, names)
+    ranker = FeatureRanker(feats, booster)
+    pred = break_ties(ranker.predict(Xh_all))
+    ranks = positional_ranks(pred, cands[hold_u], targets[hold_u])
+    retr = positional_ranks(-np.arange(cands.shape[1], dtype=np.float64)[None].repeat(len(hold_u), 0),
+                            cands[hold_u], targets[hold_u])
+    imp = dict(zip(names, booster.feature_importance("gain").round(1).tolist()))
+    metrics = {"holdout_users": len(hold_u), "fit_users": len(fit_u), "fit_lists": len(fit_l),
+               "holdout_ndcg@10": ndcg(ranks, 10), "holdout_ndcg@10_retriever": ndcg(retr, 10),
+               "rounds": int(booster.best_iteration or booster.current_iteration()),
+               "text_encoder": feats.text_encoder, "feature_gain": imp, "seconds": round(time.perf_counter() - t0, 2)}
+    log.info("feature ranker: held-out NDCG@10 %.4f (retriever %.4f), %d rounds, %.1f s", metrics["holdout_ndcg@10"],
+             metrics["holdout_ndcg@10_retriever"], metrics["rounds"], metrics["seconds"])
+    return ranker, metrics

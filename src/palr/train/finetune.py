@@ -1,0 +1,348 @@
+"""The `palr finetune` job: retriever run -> instruction data -> Trainer -> a complete PALR run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from palr.core.console import progress_enabled
+from palr.core.errors import PalrError
+from palr.core.io import write_json
+from palr.core.options import flat
+from palr.core.settings import FinetuneCommand
+from palr.rank.llm_ranker import PromptBuilder, Ranker
+from palr.runs.store import begin_run, build_dir_atomic, copy_tree_atomic, finish_run, tree_digest
+from palr.train.examples import (
+    attach_candidates,
+    augment_swap,
+    check_no_leak,
+    genuine_contexts,
+    records,
+    shuffle_candidates,
+    training_contexts,
+    write_jsonl,
+)
+from palr.train.lm import (
+    FinetuneConfig,
+    ValidationSet,
+    build_base,
+    collate,
+    encode_records,
+    lm_trainer_class,
+    pretrain_sequences,
+    quiet_trainer_logs,
+    rank_metrics,
+    training_arguments,
+    validation_set,
+)
+
+log = logging.getLogger(__name__)
+
+
+def attribute_profiler(catalog: Any, enabled: bool = True) -> Any:
+    """history -> profile text (the deterministic attribute profile; None when disabled)."""
+    from palr.rank.profiles import AttributeProfiler, HistoryProfiles
+
+    return HistoryProfiles("-", catalog, AttributeProfiler(), enabled=enabled)
+
+
+def run_profiles(dataset: Any, cfg: FinetuneConfig, out: Path | None) -> Any:
+    """The profiles fine-tuning reads, from ``cfg.profiler`` (``attributes`` or ``llm:SPEC``), cached in the run
+    (``profiles.sqlite``) so that ranking with the run reads the very same ones."""
+    from palr.rank.profiles import HistoryProfiles, ProfileCache, make_profiler
+
+    if cfg.profiler == "llm":
+        raise PalrError("fine-tuning cannot profile with the model it trains: give --profiler llm:SPEC "
+                        "(another LLM) or attributes")
+    cache = ProfileCache(out / "profiles.sqlite") if out is not None and cfg.profiler != "attributes" else None
+    return HistoryProfiles(dataset.name, dataset.catalog, make_profiler(spec=cfg.profiler, allow_fallback=False),
+                           cache, enabled=cfg.profiles)
+
+
+def _trainer_class() -> Any:
+    class PalrTrainer(lm_trainer_class()):  # type: ignore[misc]
+        """Trainer with PALR's loss and validation by ranking metrics (NDCG@10 of the fused ranking)."""
+
+        palr_cfg: FinetuneConfig
+        palr_valid: ValidationSet
+        palr_builder: PromptBuilder
+        palr_losses: list[float]  # training loss of every batch (the run's training curve)
+        palr_curve: list[dict[str, float]]  # per evaluation: epoch, mean training loss since the last, NDCG@10
+
+        @property
+        def listwise_weight(self) -> float:  # type: ignore[override]
+            return self.palr_cfg.listwise_weight
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if model.training:  # this process's batches (the main process's make the run's curve)
+                self.palr_losses.append(self.batch_losses[-1])
+            return out
+
+        def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
+                     metric_key_prefix: str = "eval") -> dict[str, float]:
+            from palr.llm.hf import HFLLM
+
+            model = self.model
+            was_training = model.training
+            model.eval()
+            llm = HFLLM.from_objects(model, self.processing_class, batch_size=64)
+            m = rank_metrics(Ranker(llm, self.palr_builder), self.palr_valid)  # sharded over processes, gathered
+            if was_training:
+                model.train()
+            metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in m.items() if k != "fusion"}
+            done = sum(int(c["batches"]) for c in self.palr_curve)
+            since = self.palr_losses[done:]
+            self.palr_curve.append({"epoch": round(float(self.state.epoch or 0.0), 3), "batches": len(since),
+                                    "train_loss": round(float(np.mean(since)), 5) if since else float("nan"),
+                                    **{f"valid_{k}": round(float(v), 5) for k, v in m.items() if k != "fusion"}})
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    return PalrTrainer
+
+
+def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *, data_dir: str | Path | None = None,
+             progress: bool = True, resume: bool = True, overwrite: bool = False) -> Path:
+    """Fine-tune the ranking LLM over a retriever run; writes a complete ``palr`` run directory at ``out``.
+
+    ``out`` is reused (checkpoints resumed) only when it was started with the same settings and the same
+    retriever run; otherwise it is refused, or emptied with ``overwrite``.
+
+    Under a launcher (``torchrun``/``accelerate launch`` with N processes) every process trains on its share of the
+    records (the Trainer's distributed sampler, pretraining included); validation ranking and the fusion-weight
+    choice are sharded and gathered; only the main process writes the run directory, the others wait for it.
+    """
+    import torch
+    from transformers import set_seed
+
+    from palr.core import distributed
+    from palr.retrieval.load import load_run
+
+    command = FinetuneCommand(run=Path(retriever_run), out=Path(out), train=cfg, data_dir=Path(data_dir) if data_dir
+                              else None)  # refuses --out == --run
+    cfg = cfg.resolved()
+    t_start = time.perf_counter()
+    distributed.init()
+    main = distributed.is_main()
+    rcfg, retriever, split = load_run(retriever_run, data_dir)
+    out = Path(distributed.broadcast(str(begin_run(out, overwrite=overwrite, args=run_args(
+        command, rcfg))) if main else None))
+    set_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    # the PALR run carries a fresh copy of its retriever so that it is self-contained
+    if main:
+        copy_tree_atomic(Path(retriever_run) / "model", out / "retriever")
+    profile_of = run_profiles(split.dataset, cfg, out if main else None)
+
+    # 1. instruction data: genuine candidates of the fit share of validation users and/or training prefixes;
+    #    the held-out share trains nothing (it picks the epoch and the fusion weights)
+    from palr.rank.trees import split_users
+    from palr.retrieval.candidates import candidates_for
+
+    K = cfg.examples.n_candidates
+    # every process builds the same lists (the sampler shards the records); one spare: the test item is skipped
+    ranked, ranked_scores = candidates_for(retriever, split, "valid", K + 1, sharded=True)
+    valid_cands = (ranked[:, :K], ranked_scores[:, :K])
+    fit_users, held_out = split_users(len(split.train), cfg.holdout, cfg.seed)
+    source = cfg.examples.source
+    if source not in ("valid", "prefixes", "both"):
+        raise PalrError(f"unknown example source {source!r}; use valid, prefixes or both")
+    ex = []
+    if source in ("prefixes", "both"):
+        ex += attach_candidates(training_contexts(split, cfg.examples, exclude=held_out), split, retriever,
+                                cfg.examples, progress=progress)
+    if source in ("valid", "both"):
+        ex += shuffle_candidates(genuine_contexts(split, fit_users, ranked, K), cfg.seed)
+    ex = augment_swap(ex, cfg.examples.swap_prob, np.random.default_rng(cfg.seed + 3))
+    check_no_leak(ex, split, held_out)
+    for e, text in zip(ex, profile_of.texts([e.history for e in ex])):
+        e.profile = text
+    feats = None
+    if cfg.feature_ranker or cfg.item_init in ("text", "hybrid"):
+        from palr.rank.features import CandidateFeatures
+
+        feats = CandidateFeatures().fit(split, cfg.text_encoder, cfg.seed)
+    with distributed.main_first():  # the main process creates base/, the others load it
+        model, tok = build_base(cfg, split, out, retriever, None if feats is None else feats.emb)
+    builder = PromptBuilder(split.dataset.catalog, cfg.style, cfg.examples.history_len)  # type: ignore[arg-type]
+    ckpt = out / "checkpoints"
+    pre_losses: list[float] = []
+    if cfg.base_model == "mini" and cfg.pretrain_epochs > 0 and not _last_checkpoint(ckpt):
+        pre_losses = pretrain_sequences(model, tok, split, builder, cfg.pretrain_epochs, lr=cfg.lr, seed=cfg.seed,
+                                        progress=progress)
+    labels_text = None
+    if cfg.style == "text":
+        from palr.llm.protocol import single_token_labels
+
+        labels_text = single_token_labels(tok, cfg.examples.n_candidates)
+    if main:
+        n_rec = write_jsonl(out / "instructions.jsonl", records(ex[:2000], cfg.tasks, lambda e, t: (
+            builder.prompt(t, e.history, e.profile, e.candidates.tolist(), labels_text),
+            builder.answer(t, e.targets, {int(c): labels_text[k] for k, c in enumerate(e.candidates)}
+                           if labels_text and t == "verbalizer" else None))))
+    rows = encode_records(ex, split, tok, builder, cfg.tasks, cfg.max_length, labels_text)
+    if main:
+        log.info("%d training contexts -> %d records (%d written to instructions.jsonl)", len(ex), len(rows), n_rec)
+
+    # 2. held-out validation users ranked after every epoch
+    vs = validation_set(split, valid_cands, cfg.valid_users, profile_of, cfg.seed, among=held_out)
+
+    # 3. train (the Trainer saves checkpoints from the main process and shards the records over processes)
+    args = training_arguments(
+        output_dir=str(ckpt), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type="cosine",
+        eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, load_best_model_at_end=True,
+        metric_for_best_model="ndcg@10", greater_is_better=True, logging_steps=50,
+        seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not progress_enabled(progress),
+    )
+    trainer_cls = _trainer_class()
+    trainer = trainer_cls(model=model, args=args, train_dataset=rows, eval_dataset=rows[:1],
+                          data_collator=lambda b: collate(b, tok.pad_token_id), processing_class=tok)
+    trainer.palr_cfg, trainer.palr_valid, trainer.palr_builder = cfg, vs, builder
+    trainer.palr_losses, trainer.palr_curve = [], []
+    quiet_trainer_logs(trainer)
+    last = _last_checkpoint(ckpt) if resume else None
+    if last:
+        log.info("resuming from %s", last)
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    model = trainer.model
+    model.eval()
+
+    # 4. save the best model (full weights for mini, adapter only for LoRA)
+    llm_dir = out / ("llm" if cfg.base_model == "mini" else "adapter")
+    if main:
+        def save(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            if cfg.base_model == "mini":
+                shutil.copy(out / "base" / "palr_mini.json", tmp / "palr_mini.json")
+
+        build_dir_atomic(llm_dir, save)  # never a half-written model folder
+
+    # 5. fusion kind and weight on (up to cfg.weight_users) validation users, never on test
+    from palr.llm.hf import HFLLM
+
+    llm = HFLLM.from_objects(model, tok, batch_size=64)
+    vs_all = validation_set(split, valid_cands, cfg.weight_users, profile_of, cfg.seed, among=held_out)
+    final = rank_metrics(Ranker(llm, builder), vs_all)  # sharded, the same result on every process
+    features_doc = None
+    if cfg.feature_ranker:  # 6. the feature ranker (fit share, stopped on the held-out share), fused on held-out
+        from palr.rank.fusion import held_out_table
+        from palr.rank.trees import FeatureRankerConfig, fit_feature_ranker
+
+        fcfg = FeatureRankerConfig(n_candidates=K, holdout=cfg.holdout, text_encoder=cfg.text_encoder, seed=cfg.seed)
+        franker, fmetrics = fit_feature_ranker(split, valid_cands, fcfg, features=feats)  # deterministic
+        table = held_out_table(Ranker(llm, builder), franker, vs_all)
+        # the run ranks with the fused PALR ranker only when it beats the LLM fused with the retriever on the
+        # held-out users (ties: the simpler LLM + retriever); the trees are kept in the run either way
+        chosen = table["ndcg@10"] > final["ndcg@10"]
+        features_doc = {"dir": "feature_ranker", "weight": table["weight"]} if chosen else None
+        final["features"] = {**table, "trees": fmetrics, "chosen": chosen}
+        if main:
+            franker.save(out / "feature_ranker")
+    distributed.barrier()  # every process is done with the checkpoints
+    if main:
+        history = [h for h in trainer.state.log_history if "eval_ndcg@10" in h]
+        ranking = {"mode": "verbalizer", "style": cfg.style, "weight": final["weight"], "fusion": final["fusion"],
+                   "n_candidates": cfg.examples.n_candidates, "history_len": cfg.examples.history_len,
+                   "profiles": cfg.profiles, "profiler": cfg.profiler, "base_model": cfg.base_model,
+                   "llm_dir": llm_dir.name, "lora": bool(cfg.lora_r and cfg.base_model != "mini"),
+                   "features": features_doc}
+        write_json(out / "ranking.json", ranking)
+        world = distributed.world_size()
+        metrics = {"valid": final, "valid_per_epoch": history, "pretrain_losses": pre_losses,
+                   "curve": trainer.palr_curve, "train_loss_steps": downsample(trainer.palr_losses),
+                   "train_losses": trainer.epoch_losses, "train_records": len(rows), "train_contexts": len(ex),
+                   "processes": world, "train_steps_per_process": trainer.state.global_step,
+                   "train_batch_global": cfg.batch_size * cfg.grad_accum * world,
+                   "seconds": round(time.perf_counter() - t_start, 1)}
+        shutil.rmtree(ckpt, ignore_errors=True)  # the best weights are saved; checkpoints were for resuming
+        config = {"finetune": {**asdict(cfg), "examples": asdict(cfg.examples)}, "retriever_run": str(retriever_run),
+                  "retriever": rcfg["config"], "ranking": ranking, "data_dir": str(data_dir or ""),
+                  "data": rcfg["config"].get("data")}
+        finish_run(out, "palr", split.dataset, config, metrics)
+        log.info("PALR run %s: held-out valid NDCG@10 fused %.4f (LLM %.4f, retriever %.4f, weight %s)%s", out,
+                 final["ndcg@10"], final["ndcg@10_llm"], final["ndcg@10_retriever"], final["weight"],
+                 f"; with the feature ranker {final['features']['ndcg@10']:.4f} (trees alone "
+                 f"{final['features']['ndcg@10_features']:.4f}, weight {final['features']['weight']})"
+                 if features_doc else "")
+    distributed.barrier()  # the run is complete when any process returns
+    return out
+
+
+def run_args(command: FinetuneCommand, rcfg: dict[str, Any]) -> dict[str, Any]:
+    """What a PALR run directory must match to be reused: the options and the retriever run's identity."""
+    return {**flat(command), "run": str(command.run.resolve()),
+            "_retriever_digest": tree_digest(command.run / "model"),
+            "_dataset_fingerprint": rcfg["dataset"]["fingerprint"]}
+
+
+def downsample(values: list[float], points: int = 200) -> list[list[float]]:
+    """[[batch, mean loss of the batches up to the next point], ...]: at most ``points`` points of a loss curve."""
+    if not values:
+        return []
+    step = max(1, -(-len(values) // points))
+    return [[float(b + 1), round(float(np.mean(values[b:b + step])), 5)] for b in range(0, len(values), step)]
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """A Trainer checkpoint is complete when its trainer_state.json (written last) exists and every
+    safetensors file in it is whole (header readable, data as long as the header says)."""
+    if not (path / "trainer_state.json").is_file():
+        return False
+    for f in path.glob("*.safetensors"):
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if f.stat().st_size < 8 + n + end:
+                return False
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+    return True
+
+
+def _last_checkpoint(ckpt: Path) -> Path | None:
+    """The newest complete checkpoint; torn ones (a kill during a save) are removed."""
+    if not ckpt.is_dir():
+        return None
+    found = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    for p in reversed(found):
+        if checkpoint_complete(p):
+            return p
+        log.warning("removing incomplete checkpoint %s (interrupted during a save)", p)
+        shutil.rmtree(p, ignore_errors=True)
+    return None
+
+
+def read_ranking(run: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run) / "ranking.json").read_text())  # typed: palr.ranking.RankingConfig.read
+
+
+def export_model(run: str | Path, out: str | Path) -> Path:
+    """The run's ranking LLM as one standalone Hugging Face model directory (serve it with vLLM or
+    ``palr model serve``): a LoRA adapter merged into its base model, the embedded model copied as it is."""
+    from palr.llm.hf import merge_adapter
+    from palr.runs.store import copy_tree_atomic, read_run
+
+    cfg = read_run(run, "palr")
+    ranking = read_ranking(run)
+    if ranking.get("lora"):
+        return merge_adapter(cfg["config"]["finetune"]["base_model"], Path(run) / ranking["llm_dir"], out)
+    copy_tree_atomic(Path(run) / ranking["llm_dir"], Path(out))
+    return Path(out)
+
+
+__all__ = ["FinetuneConfig", "export_model", "finetune", "read_ranking"]

@@ -1,0 +1,50 @@
+"""The feature re-ranker: gradient-boosted trees (LightGBM, lambdarank) over :mod:`palr.features`.
+
+Trained on **genuine candidates**: each validation user's retriever top-K for the validation target, with
+the retriever fitted on the training split only (so the validation targets were not in its training
+data, as the test targets are not). A seeded share of the validation users (``holdout``) is held out:
+the trees never train on it; it stops the boosting (best NDCG@10 there) and is where PALR's stacked
+ranker later chooses its settings. The test split is never used.
+
+``palr finetune --run RETRIEVER_RUN --ranker features --out F`` writes a PALR run (``ranking.json``:
+``"ranker": "features"``) that ``palr evaluate --run F`` scores like any PALR run. ``extra`` features
+(the LLM's scores: :mod:`palr.stacking`) ride on the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from palr.rank.trees import FeatureRankerConfig, fit_feature_ranker
+
+
+def train_feature_run(retriever_run: str | Path, out: str | Path, cfg: FeatureRankerConfig, *,
+                      data_dir: str | Path | None = None) -> Path:
+    """`palr finetune --ranker features`: a complete PALR run whose ranker is the feature re-ranker."""
+    import shutil
+    from dataclasses import asdict
+
+    from palr.core.io import write_json
+    from palr.retrieval.candidates import candidates_for
+    from palr.retrieval.load import load_run
+    from palr.runs.store import begin_run, finish_run
+
+    t0 = time.perf_counter()
+    rcfg, retriever, split = load_run(retriever_run, data_dir)
+    out = begin_run(out)
+    if not (out / "retriever" / "retriever.json").exists():
+        shutil.copytree(Path(retriever_run) / "model", out / "retriever", dirs_exist_ok=True)
+    valid = candidates_for(retriever, split, "valid", cfg.n_candidates)
+    ranker, metrics = fit_feature_ranker(split, valid, cfg)
+    ranker.save(out / "ranker")
+    ranking = {"ranker": "features", "mode": "features", "style": "features", "weight": 0.0, "fusion": "trees",
+               "n_candidates": cfg.n_candidates, "history_len": 0, "profiles": False, "ranker_dir": "ranker"}
+    write_json(out / "ranking.json", ranking)
+    metrics["total_seconds"] = round(time.perf_counter() - t0, 1)
+    config = {"feature_ranker": asdict(cfg), "retriever_run": str(retriever_run), "retriever": rcfg["config"],
+              "ranking": ranking, "data_dir": str(data_dir or "")}
+    finish_run(out, "palr", split.dataset, config, {"valid": metrics})
+    (out / "feature_gain.json").write_text(json.dumps(metrics["feature_gain"], indent=1))
+    return out
