@@ -14,7 +14,8 @@ from palr.core.errors import DataError, MissingDataError
 from palr.data import Split, load_dataset, read_raw
 from palr.data.dataset import id_sort_key
 from palr.data.preprocess import k_core, preprocess
-from palr.data.sources import RawData, read_amazon, read_ml1m, read_ml100k, read_ml_latest, read_user_file
+from palr.data.sources import RawData, read_amazon, read_ml1m, read_ml100k, read_ml_latest
+from palr.data.userfiles import read_user_file
 
 
 def raw_of(rows: list[tuple[str, str, float]]) -> RawData:

@@ -15,7 +15,8 @@ from palr.core.errors import DataError
 from palr.data.columns import Ids
 from palr.data.dataset import id_sort_key
 from palr.data.preprocess import preprocess
-from palr.data.sources import RawData, free_id, read_ml100k, read_user_file
+from palr.data.sources import RawData, free_id, read_ml100k
+from palr.data.userfiles import read_user_file
 
 
 def reference_rows(text: str, user_col: str = "user", item_col: str = "item", time_col: str = "timestamp"):

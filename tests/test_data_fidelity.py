@@ -14,7 +14,8 @@ import pytest
 
 from palr.core.errors import DataError, RunError
 from palr.data import DataSpec, load_dataset, read_raw
-from palr.data.sources import read_ml1m, read_ml100k, read_user_file
+from palr.data.sources import read_ml1m, read_ml100k
+from palr.data.userfiles import read_user_file
 
 GENRES = "unknown|0\nAction|1\nComedy|2\n"
 

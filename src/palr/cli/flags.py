@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from palr.core.errors import ConfigError
 from palr.core.options import MISSING, build, options, to_plain
+from palr.retrieval.base import check_settings
 
 
 # ---------------------------------------------------------------------------- typer glue
@@ -98,7 +99,7 @@ def typer_command(app: Any, name: str, cls: type, body: Callable[[Any], None], *
                 if kwargs.get(o.name) is not None and Path(kwargs[o.name]) != Path(given):
                     raise ConfigError(f"two values for {o.flag}: {given} and {o.flag} {kwargs[o.name]}; give one")
                 kwargs[o.name] = given
-        body(build(cls, kwargs, file, command=name))
+        body(check_settings(build(cls, kwargs, file, command=name)))
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}

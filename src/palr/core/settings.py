@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from palr.core.errors import ConfigError
+from palr.core.errors import ConfigError, InputError
 from palr.core.options import opt
 
 TASKS = ("recommend", "recommend_retrieval", "verbalizer")  # fine-tuning tasks (palr.finetune.data)
@@ -115,10 +115,7 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata=opt("Replace a run in --out trained with other settings."))
 
     def __post_init__(self) -> None:
-        self.data.require()
-        from palr.retrieval.base import check_params
-
-        self.params = check_params(self.retriever, self.params)
+        self.data.require()  # --param is checked against the retriever's types by palr.retrieval.base.check_settings
 
 
 @dataclass
@@ -139,10 +136,7 @@ class TuneConfig:
     seed: int = field(default=0, metadata=opt("Seed of the sampler and of every trial."))
 
     def __post_init__(self) -> None:
-        self.data.require()
-        from palr.retrieval.base import check_params
-
-        self.params = check_params(self.retriever, self.params)
+        self.data.require()  # --param is checked against the retriever's types by palr.retrieval.base.check_settings
         _positive(budget=self.budget)
 
 
@@ -186,18 +180,6 @@ class EvaluateConfig:
         if self.run is None:
             if not self.data.dataset or not self.retriever:
                 raise ConfigError("give --run DIR, or --dataset NAME with --retriever NAME")
-            from palr.core.options import unknown_key_error
-            from palr.retrieval.base import check_params, param_types
-
-            for r in self.retriever:
-                check_params(r, {})  # an unknown retriever name is an error here
-            for key, value in self.params.items():
-                takers = [r for r in self.retriever if key in param_types(r)]
-                if not takers:
-                    valid = sorted({k for r in self.retriever for k in param_types(r)})
-                    raise unknown_key_error(key, valid, f"--param {key}={value} ({', '.join(self.retriever)})")
-                for r in takers:
-                    check_params(r, {key: value})
         elif self.params:
             raise ConfigError("--param applies to retrievers fitted here (--dataset/--retriever), not to --run")
 
@@ -423,7 +405,6 @@ class RecommendConfig:
     data_dir: Path | None = field(default=None, metadata=opt("Data directory (default: the run's)."))
 
     def __post_init__(self) -> None:
-        from palr.core.errors import InputError
 
         _positive(k=self.k)
         given = sum(x is not None for x in (self.user, self.history, self.history_titles))
@@ -448,7 +429,6 @@ class ServiceConfig:
     max_queue: int = field(default=64, metadata=opt("Requests waiting for a slot; more get 503."))
 
     def __post_init__(self) -> None:
-        from palr.core.errors import InputError
 
         if self.max_body_bytes < 1024 or self.max_concurrent < 1 or self.max_queue < 0:
             raise InputError("need max_body_bytes >= 1024, max_concurrent >= 1 and max_queue >= 0")

@@ -16,8 +16,8 @@ from palr.data.sources import (
     read_ml1m,
     read_ml100k,
     read_ml_latest,
-    read_user_file,
 )
+from palr.data.userfiles import read_user_file
 
 __all__ = ["KNOWN_DATASETS", "Catalog", "DataSpec", "Dataset", "Split", "Stage", "data_dir", "load_dataset", "load_split"]
 

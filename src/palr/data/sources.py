@@ -384,10 +384,3 @@ def read_amazon(root: Path, name: str) -> RawData:
         f"data set {name!r}: {root} holds neither user_sequence.txt (sequence form) nor "
         f"reviews_<Category>_5.json.gz (UCSD form). Run `palr data download {name}` or place the files there."
     )
-
-
-# ---------------------------------------------------------------------------- user files (re-exported)
-from palr.data.userfiles import check_items_match, read_items_file, read_user_file
-
-__all__ = ["RawData", "check_items_match", "free_id", "int_id", "read_amazon", "read_items_file", "read_ml1m",
-           "read_ml100k", "read_ml_latest", "read_user_file"]

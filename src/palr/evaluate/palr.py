@@ -15,12 +15,22 @@ from typing import Any
 
 import numpy as np
 
+from palr.core import distributed
+from palr.core.console import progress_enabled
 from palr.core.io import write_json
 from palr.core.metrics import DEFAULT_KS, metrics_from_ranks
 from palr.evaluate.retrievers import evaluate_retriever
-from palr.evaluate.tables import compare_ranks, statistics_protocol, write_per_user
-from palr.rank.llm_ranker import positional_ranks
+from palr.evaluate.tables import compare_ranks, statistics_protocol, write_per_user, write_predictions
+from palr.rank.llm_ranker import (
+    choose_weight,
+    floor_missing,
+    fuse,
+    order_by,
+    positional_ranks,
+    retriever_prior,
+)
 from palr.rank.pipeline import PALR
+from palr.runs.card import write_model_card
 from palr.runs.store import dataset_info
 
 
@@ -60,7 +70,6 @@ def _own_scores(palr: PALR, hist: list[np.ndarray], profiles: list[str | None], 
 
 def _fused_ranks(lp: np.ndarray, failed: np.ndarray, cands: np.ndarray, cscores: np.ndarray, targets: np.ndarray,
                  weight: float, fusion: str) -> np.ndarray:
-    from palr.rank.llm_ranker import floor_missing, fuse, retriever_prior
 
     fused = fuse(floor_missing(lp), weight, cscores, fusion)
     fused[failed] = retriever_prior(cands.shape, cscores, fusion)[failed]
@@ -69,7 +78,6 @@ def _fused_ranks(lp: np.ndarray, failed: np.ndarray, cands: np.ndarray, cscores:
 
 def choose_zero_shot_weight(palr: PALR, n_users: int, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Fusion kind and weight for a zero-shot LLM, chosen on ``n_users`` seeded **validation** users."""
-    from palr.rank.llm_ranker import choose_weight
 
     split = palr.split
     rng = np.random.default_rng(seed + 11)
@@ -78,7 +86,6 @@ def choose_zero_shot_weight(palr: PALR, n_users: int, seed: int = 0, progress: b
     cands, cscores = palr.candidates(hist)
     lp, failed, _, secs = _rank_all(palr, hist, palr.profiles.texts(hist), cands, cscores, progress,
                                     "LLM ranking (valid)")
-    from palr.rank.llm_ranker import floor_missing
 
     lp = floor_missing(lp)
     lp[failed] = 0.0  # a failed user: the LLM adds nothing, the prior decides
@@ -97,9 +104,6 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     Under a launcher with several processes (``torchrun``, ``accelerate launch``) each process ranks a block of
     whole batches of users and the main process gathers the per-user results: the figures are those of one
     process. The main process gets the result, the others None."""
-    from palr.core import distributed
-    from palr.core.console import progress_enabled
-    from palr.rank.llm_ranker import floor_missing, fuse, order_by, retriever_prior
 
     split = palr.split
     everyone = np.arange(split.dataset.n_users) if users is None else np.asarray(users)
@@ -208,8 +212,6 @@ def evaluate_palr_run(run: str | Path, out: str | Path | None = None, prediction
 
     Under a launcher with several processes the users are sharded (:func:`evaluate_palr`); the main process writes
     the files and returns the document, the others return None."""
-    from palr.core import distributed
-    from palr.evaluate.tables import write_predictions
 
     distributed.init()  # before the model loads: each process takes its own GPU
     palr = PALR.load(run, data_dir, mode=mode, llm=llm, allow_fallback=allow_fallback, n_candidates=n_candidates,
@@ -269,7 +271,6 @@ def save_test_evaluation(run: Path, doc: dict[str, Any], ev: dict[str, Any], ret
     import os
     import tempfile
 
-    from palr.runs.card import write_model_card
 
     write_json(run / "test_results.json", doc)
     fd, tmp = tempfile.mkstemp(dir=run, prefix=".test_ranks.", suffix=".npz")

@@ -19,10 +19,16 @@ from typing import Any
 
 import numpy as np
 
+from palr import __version__
 from palr.core.io import write_atomic
 from palr.core.metrics import metrics_from_ranks, per_user_metrics
 from palr.data import Split
+from palr.evaluate.palr import evaluate_palr_run
+from palr.evaluate.plots import bucket_bars, metric_over_k, recall_ceiling, training_curves
+from palr.evaluate.retrievers import evaluate_retriever
 from palr.evaluate.stats import compare_metrics
+from palr.rank.pipeline import PALR
+from palr.retrieval.load import load_run
 from palr.runs.store import read_run
 
 log = logging.getLogger(__name__)
@@ -64,8 +70,6 @@ def load_run_data(run: str | Path, data_dir: str | Path | None = None, n_example
     cfg = read_run(run)
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
     if cfg["kind"] == "palr":
-        from palr.evaluate.palr import evaluate_palr_run
-        from palr.rank.pipeline import PALR
 
         if not (run / "test_ranks.npz").exists():
             log.info("%s has no test evaluation yet: evaluating it now (written into the run)", run)
@@ -81,8 +85,6 @@ def load_run_data(run: str | Path, data_dir: str | Path | None = None, n_example
         return RunData(run, "palr", cfg, metrics, palr.split,
                        {f"{name} (retriever)": z["retriever"], "PALR (end to end)": z["palr"]}, z["users"],
                        int(palr.ranking["n_candidates"]), name, history, z["retriever"], examples)
-    from palr.evaluate.retrievers import evaluate_retriever
-    from palr.retrieval.load import load_run
 
     rcfg, model, split = load_run(run, data_dir)
     name = rcfg["config"]["retriever"]
@@ -125,7 +127,6 @@ def _buckets(values: np.ndarray, n: int = 4) -> tuple[list[str], np.ndarray]:
 
 def segment_section(rd: RunData, values: np.ndarray, what: str, note: str) -> str:
     """NDCG@10 per bucket for every model (a figure) and PALR against the retriever per bucket (a table)."""
-    from palr.evaluate.plots import bucket_bars
 
     labels, idx = _buckets(values)
     keep = [b for b in range(len(labels)) if (idx == b).any()]
@@ -184,7 +185,6 @@ def settings_line(rd: RunData) -> str:
 # ---------------------------------------------------------------------------- the page
 def run_section(rd: RunData, seed: int = 0) -> tuple[str, int]:
     """One run's HTML and the number of figures in it."""
-    from palr.evaluate.plots import metric_over_k, recall_ceiling, training_curves
 
     ds = rd.config["dataset"]
     parts = [f"<section><h2>{html.escape(rd.label)}: {html.escape(rd.kind)} run on {html.escape(ds['name'])}</h2>",
@@ -273,7 +273,6 @@ def cross_run_section(runs: list[RunData], seed: int = 0) -> str:
 def write_report(runs: list[str | Path], out: str | Path, data_dir: str | Path | None = None, n_examples: int = 3,
                  seed: int = 0) -> Path:
     """Write the report for ``runs`` to ``out`` (atomic) and return its path."""
-    from palr import __version__
 
     data = [load_run_data(r, data_dir, n_examples) for r in runs]
     sections, figures = [], 0

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from palr.core import distributed
 from palr.core.metrics import DEFAULT_KS, metrics_from_ranks, recall_of_candidates
 from palr.core.topk import history_mask, ranks_of_targets, top_k
 from palr.data.dataset import Split, Stage
@@ -34,7 +35,6 @@ def evaluate_retriever(retriever: Retriever, split: Split, stage: Stage, ks: Seq
     (:func:`palr.distributed.shard`, whole batches) and the main process gets the gathered result, identical to one
     process's; the other processes get None.
     """
-    from palr.core import distributed
 
     histories = split.histories(stage)
     targets = split.targets(stage)

@@ -101,7 +101,6 @@ def write_per_user(path: str | Path, dataset: Dataset, users: Sequence[int], tar
     """CSV, one row per (user, model): user, target (original ids), model, rank, then each per-user metric."""
     import pandas as pd
 
-    from palr.core.io import write_atomic
 
     users = np.asarray(users)
     user_ids = np.asarray(dataset.user_ids, dtype=object)[users]

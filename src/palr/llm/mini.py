@@ -24,7 +24,9 @@ import numpy as np
 from palr.core.errors import PalrError
 from palr.core.settings import MiniConfig
 from palr.data.dataset import Catalog
-from palr.llm.prompts import item_token, label_token
+from palr.llm import prompts
+from palr.llm.hf import HFLLM
+from palr.llm.prompts import PROMPT_VERSION, item_token, label_token
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,6 @@ def _corpus(source: Catalog | Sequence[str], n_prompts: int, seed: int) -> Itera
     if not isinstance(source, Catalog):
         yield from (str(t) for t in source)
         return
-    from palr.llm import prompts
 
     cat = source
     n = len(cat)
@@ -141,7 +142,6 @@ def build_mini(source: Catalog | Sequence[str], out_dir: str | Path, *, vocab_si
             "kind": source.kind if isinstance(source, Catalog) else None, "vocab_size": len(hf_tok),
             "bpe_vocab_size": vocab_size, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head,
             "intermediate_size": inter, "max_position": max_position, "seed": seed, "parameters": n_params}
-    from palr.llm.prompts import PROMPT_VERSION
 
     info["prompt_version"] = PROMPT_VERSION
     (out / MINI_INFO).write_text(json.dumps(info, indent=2) + "\n")
@@ -161,7 +161,6 @@ def read_mini_info(path: str | Path) -> dict[str, Any]:
 
 def load_mini(path: str | Path, **options: Any) -> Any:
     """``mini:DIR``: the ``hf`` backend on a directory made by :func:`build_mini` (float32 on CPU by default)."""
-    from palr.llm.hf import HFLLM
 
     p = Path(path).expanduser()
     if not p.exists():

@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from palr.core.errors import PalrError
+from palr.llm.hf import HFLLM
+from palr.llm.mini import load_mini
+from palr.llm.openai import OpenAILLM
 from palr.llm.protocol import LLM
 
 log = logging.getLogger(__name__)
@@ -56,19 +59,16 @@ def register_backend(name: str, factory: Factory) -> None:
 
 
 def _hf(target: str, **options: Any) -> LLM:
-    from palr.llm.hf import HFLLM
 
     return HFLLM(target, **options)
 
 
 def _mini(target: str, **options: Any) -> LLM:
-    from palr.llm.mini import load_mini
 
     return load_mini(target, **options)
 
 
 def _openai(target: str, **options: Any) -> LLM:
-    from palr.llm.openai import OpenAILLM
 
     model, _, base = target.partition("@")
     if not model:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from palr.data.dataset import Catalog
-from palr.llm.prompts import clean_text, looks_like_instruction
+from palr.llm.prompts import clean_text, explanation_prompt, looks_like_instruction
 
 __all__ = ["Explanation", "check_llm_sentence", "explain_items", "explain_popular", "llm_explanations", "quote_title"]
 
@@ -136,7 +136,6 @@ def llm_explanations(llm: Any, catalog: Catalog, items: Sequence[int], templates
                      max_new_tokens: int = 48) -> list[tuple[Explanation, str]]:
     """One LLM-written sentence per item, from the template's evidence, checked by :func:`check_llm_sentence`;
     the template wherever the check (or the model) fails. Returns (explanation, "llm" | "template: why")."""
-    from palr.llm.prompts import explanation_prompt
 
     todo = [k for k, e in enumerate(templates) if e.because]
     out: list[tuple[Explanation, str]] = [(e, "template: no evidence") for e in templates]

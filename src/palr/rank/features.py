@@ -31,6 +31,8 @@ import scipy.sparse as sp
 from safetensors.numpy import load_file, save_file
 
 from palr.data.dataset import Catalog, Dataset, Split
+from palr.retrieval.itemknn import ItemKNN
+from palr.retrieval.text import embed_texts, item_texts, text_model_available
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,6 @@ TAG_RECENT = 10
 
 def text_embeddings(catalog: Catalog, encoder: str = "auto", dim: int = 256, seed: int = 0) -> tuple[np.ndarray, str]:
     """(N, d) L2-normalised item text embeddings and the encoder used ("minilm" or "tfidf")."""
-    from palr.retrieval.text import item_texts, text_model_available
 
     texts = item_texts(catalog)
     if encoder == "minilm" or (encoder == "auto" and text_model_available()):
@@ -54,7 +55,6 @@ def cached_minilm(texts: Sequence[str]) -> np.ndarray:
     import hashlib
     import os
 
-    from palr.retrieval.text import embed_texts
 
     key = hashlib.sha256(("all-MiniLM-L6-v2\n" + "\n".join(texts)).encode()).hexdigest()[:32]
     path = Path(os.environ.get("PALR_CACHE_DIR") or Path.home() / ".cache" / "palr") / "text-embeddings" / f"{key}.npy"
@@ -124,7 +124,6 @@ class CandidateFeatures:
 
     # ------------------------------------------------------------------ fit
     def fit(self, split: Split, text_encoder: str = "auto", seed: int = 0) -> CandidateFeatures:
-        from palr.retrieval.itemknn import ItemKNN
 
         n = split.n_items
         train = split.train
@@ -216,7 +215,6 @@ class CandidateFeatures:
 
     @classmethod
     def load(cls, directory: Path) -> CandidateFeatures:
-        from palr.retrieval.itemknn import ItemKNN
 
         directory = Path(directory)
         f = cls()

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from palr.core.metrics import ndcg
 from palr.rank.llm_ranker import Ranker, RankResult, order_by, positional_ranks
 from palr.rank.trees import FeatureRanker, break_ties
 
@@ -38,7 +39,6 @@ def choose_feature_weight(tree_scores: np.ndarray, llm_logprobs: np.ndarray, can
                           targets: np.ndarray, grid: Sequence[float] = FEATURE_FUSION_GRID, k: int = 10,
                           ) -> tuple[float, dict[str, float]]:
     """The weight with the best NDCG@k on the given (held-out validation) users; ties prefer the smaller."""
-    from palr.core.metrics import ndcg
 
     table = {str(w): ndcg(positional_ranks(fuse_with_features(tree_scores, llm_logprobs, w), candidates, targets), k)
              for w in grid}

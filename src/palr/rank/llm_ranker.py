@@ -30,11 +30,15 @@ from typing import Any, Literal
 
 import numpy as np
 
-from palr.core.errors import LLMUnavailable
+from palr.core.errors import LLMUnavailable, PalrError, RunError
+from palr.core.metrics import ndcg
+from palr.llm.mini import item_token_ids
 from palr.llm.prompts import (  # PromptBuilder re-exported: prompts.py owns both styles
     PromptBuilder,
     item_token,
 )
+from palr.llm.protocol import candidate_labels, single_token_labels
+from palr.rank.trie import CandidateTrie
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,6 @@ class RankingConfig:
     def read(cls, run: str | Path) -> RankingConfig:
         path = Path(run) / "ranking.json"
         if not path.is_file():
-            from palr.core.errors import RunError
 
             raise RunError(f"{path} is missing: {run} is not a complete PALR run")
         return cls.from_dict(json.loads(path.read_text()))
@@ -160,7 +163,6 @@ class Ranker:
         self._item_ids: np.ndarray | None = None
         self._labels: list[str] | None = None
         if mode == "generative" and getattr(llm, "tokenizer", None) is None:
-            from palr.core.errors import PalrError
 
             raise PalrError(f"generative ranking needs a local model (hf:/mini:); {getattr(llm, 'name', 'this LLM')} "
                             "has no tokenizer here: use the verbalizer mode")
@@ -168,7 +170,6 @@ class Ranker:
     # -- verbalizer
     def _item_token_ids(self) -> np.ndarray:
         if self._item_ids is None:
-            from palr.llm.mini import item_token_ids
 
             self._item_ids = item_token_ids(self.llm.tokenizer, len(self.builder.catalog))
         return self._item_ids
@@ -199,7 +200,6 @@ class Ranker:
         """Candidate labels: for a local model, ``n`` labels that are one token each in its tokenizer (checked;
         an error if it has too few); for a remote one the same pool in the same order (A..Z, a..z, 0..99, AA..),
         scored exactly by the backend whether or not they are single tokens there."""
-        from palr.llm.protocol import candidate_labels, single_token_labels
 
         tok = getattr(self.llm, "tokenizer", None)
         if tok is None:
@@ -212,7 +212,6 @@ class Ranker:
     def generate_orders(self, histories: Sequence[np.ndarray], profiles: Sequence[str | None],
                         candidates: np.ndarray) -> tuple[np.ndarray, int]:
         """(B, K) pseudo log-probs from constrained generation (named items first, in the model's order)."""
-        from palr.rank.trie import CandidateTrie
 
         tok = self.llm.tokenizer
         out = np.full(candidates.shape, -np.inf, dtype=np.float32)
@@ -298,7 +297,6 @@ def choose_weight(llm_logprobs: np.ndarray, candidates: np.ndarray, targets: np.
     Returns (kind, weight, {"rank:0.5": ndcg, "score:0.5": ndcg, ...}); ties prefer "rank" and the smaller
     weight; "rank:inf" is the retriever alone.
     """
-    from palr.core.metrics import ndcg
 
     kinds = ["rank"] + (["score"] if scores is not None else [])
     table = {}

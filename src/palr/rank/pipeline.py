@@ -18,8 +18,16 @@ import numpy as np
 from palr.core.errors import InputError, PalrError, UnknownUserError
 from palr.core.topk import top_k
 from palr.data import Split, load_split
+from palr.data.titles import match_titles
+from palr.llm.registry import load_llm
+from palr.rank.explain import explain_items, explain_popular
+from palr.rank.explain import llm_explanations as written
+from palr.rank.fusion import FusedRanker
 from palr.rank.llm_ranker import PromptBuilder, Ranker, RankingConfig
+from palr.rank.profiles import AttributeProfiler, HistoryProfiles, ProfileCache, make_profiler
+from palr.rank.trees import FeatureRanker
 from palr.retrieval.base import load_retriever
+from palr.retrieval.load import load_run
 from palr.runs.store import check_dataset, read_run, run_data_spec
 
 log = logging.getLogger(__name__)
@@ -76,7 +84,6 @@ class PALR:
                  ranking: dict[str, Any], profiles: Any = None) -> None:
         self.run, self.config, self.split, self.retriever, self.ranker, self.ranking = run, config, split, retriever, ranker, ranking
         if profiles is None:
-            from palr.rank.profiles import AttributeProfiler, HistoryProfiles
 
             profiles = HistoryProfiles(split.dataset.name, split.dataset.catalog, AttributeProfiler(),
                                        enabled=bool(ranking.get("profiles", True)))
@@ -89,8 +96,6 @@ class PALR:
              profile_cache: str | Path | None = None, features: bool = True) -> PALR:
         """Load a PALR run, or a retriever run with ``llm`` (zero-shot). ``allow_fallback=False``: an unreachable
         LLM stops every call with :class:`palr.core.errors.LLMUnavailable` instead of keeping the retriever's order."""
-        from palr.llm.registry import load_llm
-        from palr.rank.profiles import HistoryProfiles, ProfileCache, make_profiler
 
         if mode is not None and mode not in MODES:
             raise InputError(f"unknown ranking mode {short(mode)!r}: choose {' or '.join(MODES)}")
@@ -104,7 +109,6 @@ class PALR:
             rc = RankingConfig.from_dict(raw)
             retriever = load_retriever(run / "retriever")
             if raw.get("ranker") == "features":  # the feature re-ranker: no LLM, no profiles
-                from palr.rank.trees import FeatureRanker
 
                 return cls(run, cfg, split, retriever, FeatureRanker.load(run / raw["ranker_dir"]), raw)
             if llm:
@@ -113,7 +117,6 @@ class PALR:
             if not llm:
                 raise PalrError(f"{run} is a retriever run: give --llm SPEC to rank its candidates with an LLM "
                                 "(zero-shot), or use a PALR run (palr finetune)")
-            from palr.retrieval.load import load_run
 
             cfg, retriever, split = load_run(run, data_dir)
             rc = RankingConfig(style="text", n_candidates=20, llm=llm)
@@ -135,8 +138,6 @@ class PALR:
                              batch_size=64 if rc.style == "tokens" else 8, fusion=rc.fusion,
                              allow_fallback=allow_fallback)
         if raw.get("features") and features and not llm and ranker.mode == "verbalizer":
-            from palr.rank.fusion import FusedRanker  # the PALR ranker: LLM + feature ranker
-            from palr.rank.trees import FeatureRanker
 
             ranker = FusedRanker(ranker, FeatureRanker.load(run / raw["features"]["dir"]), float(raw["features"]["weight"]))
         if profile_cache is None and kind == "palr" and (run / "profiles.sqlite").is_file():
@@ -181,7 +182,6 @@ class PALR:
         notes: list[str] = []
         matches: list[Any] = []
         if history_titles is not None:
-            from palr.data.titles import match_titles
 
             if len(history_titles) > MAX_HISTORY:
                 raise InputError(f"a history holds at most {MAX_HISTORY:,} titles, got {len(history_titles):,}")
@@ -239,7 +239,6 @@ class PALR:
         note. Invalid input raises :class:`InputError`, an unknown user :class:`UnknownUserError`."""
         if not 1 <= k <= self.max_k:
             raise InputError(f"k must be between 1 and {self.max_k} (the candidate count), got {k}")
-        from palr.rank.explain import explain_items, explain_popular
 
         hist, notes, matches = self.resolve_history(user, history, history_titles)
         match_docs = [m.to_dict() for m in matches]
@@ -280,7 +279,6 @@ class PALR:
                 if self.ranker.builder.style != "text":
                     notes.append("LLM explanations need a text LLM (this run's model reads item tokens): templates")
                 else:
-                    from palr.rank.explain import llm_explanations as written
 
                     expl, sources = (list(x) for x in zip(*written(self.ranker.llm, self.catalog, idx, expl)))
             for it, e, src in zip(items, expl, sources):

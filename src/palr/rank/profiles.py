@@ -32,6 +32,7 @@ from palr.core.errors import LLMUnavailable, PalrError
 from palr.data.dataset import Catalog, Dataset
 from palr.llm.prompts import PROMPT_VERSION, clean_text, profile_prompt
 from palr.llm.protocol import LLM
+from palr.llm.registry import load_llm
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +429,6 @@ def make_profiler(llm: str | None = None, *, spec: str | None = None, ranking_ll
             raise PalrError("profiler 'llm' needs the ranking LLM (give --llm), or name one: llm:SPEC")
         return LLMProfiler(ranking_llm, allow_fallback=allow_fallback)
     if spec.startswith("llm:"):
-        from palr.llm.registry import load_llm
 
         return LLMProfiler(load_llm(spec[4:], **llm_options), allow_fallback=allow_fallback)
     raise PalrError(f"unknown profiler {spec!r}; use attributes, llm (the ranking LLM) or llm:SPEC")

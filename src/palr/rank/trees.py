@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from palr.core.errors import PalrError
+from palr.core.metrics import ndcg
 from palr.data.dataset import Split
 from palr.rank.features import CandidateFeatures
 from palr.rank.llm_ranker import RankResult, order_by, positional_ranks
@@ -167,7 +168,6 @@ def fit_feature_ranker(split: Split, valid_cands: tuple[np.ndarray, np.ndarray],
     ``extra``: (U, K, E) more features for every validation list (row u = user u), e.g. the LLM's scores.
     Returns the ranker and {"holdout_ndcg@10": trees, "holdout_ndcg@10_retriever": ..., "rounds": ...}.
     """
-    from palr.core.metrics import ndcg
 
     t0 = time.perf_counter()
     cands, scores = valid_cands

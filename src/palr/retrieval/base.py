@@ -16,6 +16,9 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
+from palr.core.console import progress_enabled
+from palr.core.errors import ConfigError
+from palr.core.options import convert, unknown_key_error
 from palr.core.topk import top_k
 
 
@@ -79,8 +82,6 @@ def param_types(name: str) -> dict[str, Any]:
 
 def check_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     """``params`` checked against the retriever's typed hyper-parameters (ConfigError naming the valid keys)."""
-    from palr.core.errors import ConfigError
-    from palr.core.options import convert, unknown_key_error
 
     try:
         types_ = param_types(name)
@@ -93,6 +94,28 @@ def check_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
         t = types_[key]
         out[key] = value if t is Any else convert(t | None if value is None else t, value, f"--param {key} ({name})")
     return out
+
+
+def check_settings(cfg: Any) -> Any:
+    """A command's settings with ``--param`` checked against its retrievers' typed hyper-parameters (values
+    converted in place); unknown retriever names and keys are one line naming the valid ones. Settings live in
+    :mod:`palr.core.settings`, which knows no retriever: the command line calls this after building them."""
+    retrievers, params = getattr(cfg, "retriever", None), getattr(cfg, "params", None)
+    if not retrievers or params is None:
+        return cfg
+    if isinstance(retrievers, str):
+        cfg.params = check_params(retrievers, params)
+        return cfg
+    for r in retrievers:
+        check_params(r, {})  # an unknown retriever name is an error here
+    for key, value in params.items():
+        takers = [r for r in retrievers if key in param_types(r)]
+        if not takers:
+            valid = sorted({k for r in retrievers for k in param_types(r)})
+            raise unknown_key_error(key, valid, f"--param {key}={value} ({', '.join(retrievers)})")
+        for r in takers:
+            params[key] = check_params(r, {key: value})[key]
+    return cfg
 
 
 def make_retriever(name: str, **params: Any) -> Retriever:
@@ -116,7 +139,6 @@ def score_batches(retriever: Retriever, histories: Sequence[np.ndarray], batch_s
                   progress: bool = False, desc: str = "scoring") -> Iterable[tuple[slice, np.ndarray]]:
     from tqdm.auto import tqdm
 
-    from palr.core.console import progress_enabled
 
     starts = range(0, len(histories), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress_enabled(progress), leave=False):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from palr.core import distributed
 from palr.core.topk import top_k
 from palr.data import Split
 from palr.data.dataset import Stage
@@ -19,7 +20,6 @@ def candidates_for(model: Retriever, split: Split, stage: Stage, k: int = 50,
     ``sharded``: under a launcher with several processes each computes its block of users and every process gets
     all rows.
     """
-    from palr.core import distributed
 
     histories = split.histories(stage)
     k = min(k, split.n_items)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from palr.core.console import progress_enabled
 from palr.core.errors import PalrError
 from palr.retrieval.base import save_params
 
@@ -225,7 +226,6 @@ def train_sasrec(net: SASRecNet, train: Sequence[np.ndarray], n_items: int, c: d
     from tqdm.auto import tqdm
 
     dev = net.items.weight.device
-    from palr.core.console import progress_enabled
 
     rng = np.random.default_rng(int(c["seed"]))
     windows_np, lengths_np = training_windows(train, int(c["max_len"]))

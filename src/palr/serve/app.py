@@ -23,9 +23,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from palr.core.errors import InputError, LLMUnavailable, PalrError, UnknownUserError
 from palr.core.settings import (
     ServiceConfig,  # the settings of `palr serve`, defined with every other command's
 )
+from palr.rank.pipeline import MAX_USER_ID, PALR, short
 
 log = logging.getLogger(__name__)
 WEB = Path(__file__).parent / "web"  # index.html, app.js, app.css: no build step
@@ -93,7 +95,6 @@ class Guard:
 
 def _clean_errors(errors: Any) -> list[dict[str, Any]]:
     """Validation errors without the offending input (which may be megabytes), at most 10."""
-    from palr.rank.pipeline import short
 
     return [{"loc": [short(str(x), 40) if isinstance(x, str) else x for x in e.get("loc", ())],
              "msg": short(str(e.get("msg", "")), 200), "type": e.get("type", "")} for e in list(errors)[:10]]
@@ -108,8 +109,6 @@ def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
 
-    from palr.core.errors import InputError, LLMUnavailable, PalrError, UnknownUserError
-    from palr.rank.pipeline import MAX_USER_ID
     from palr.serve.api_models import (
         CatalogItem,
         Health,
@@ -125,7 +124,6 @@ def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
-        from palr.rank.pipeline import PALR
 
         state["palr"] = run if isinstance(run, PALR) else PALR.load(run, data_dir, llm=llm, allow_fallback=allow_fallback)
         log.info("serving PALR run %s", state["palr"].run)
@@ -225,7 +223,6 @@ def serve(run: "str | Path", config: ServiceConfig | None = None, data_dir: "str
         cfg.token = os.environ["PALR_TOKEN"]
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.token is None:
         log.warning("serving on %s without a token: anyone who can reach it can use the API", cfg.host)
-    from palr.rank.pipeline import PALR
 
     # load before serving: an incomplete or mismatched run is a PalrError (message, exit 2), not a uvicorn traceback
     loaded = PALR.load(run, data_dir, llm=llm, allow_fallback=allow_fallback)

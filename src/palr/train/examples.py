@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from palr.core.console import progress_enabled
+from palr.core.io import write_atomic
 from palr.core.settings import TASKS, ExampleConfig
 from palr.core.topk import top_k
 from palr.data.dataset import Split
@@ -157,7 +159,6 @@ def attach_candidates(examples: list[Example], split: Split, retriever: Any, cfg
     """Fill ``candidates``: targets + hard negatives, shuffled; the user's valid/test items never appear."""
     from tqdm.auto import tqdm
 
-    from palr.core.console import progress_enabled
 
     rng = np.random.default_rng(cfg.seed + 1)
     sampler = NegativeSampler(split)
@@ -221,7 +222,6 @@ Renderer = Callable[[Example, str], tuple[str, str]]
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
-    from palr.core.io import write_atomic
 
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
     write_atomic(path, "\n".join(lines) + ("\n" if lines else ""))

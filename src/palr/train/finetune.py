@@ -12,13 +12,22 @@ from typing import Any
 
 import numpy as np
 
+from palr.core import distributed
 from palr.core.console import progress_enabled
 from palr.core.errors import PalrError
 from palr.core.io import write_json
 from palr.core.options import flat
 from palr.core.settings import FinetuneCommand
+from palr.llm.hf import HFLLM, merge_adapter
+from palr.llm.protocol import single_token_labels
+from palr.rank.features import CandidateFeatures
+from palr.rank.fusion import held_out_table
 from palr.rank.llm_ranker import PromptBuilder, Ranker
-from palr.runs.store import begin_run, build_dir_atomic, copy_tree_atomic, finish_run, tree_digest
+from palr.rank.profiles import AttributeProfiler, HistoryProfiles, ProfileCache, make_profiler
+from palr.rank.trees import FeatureRankerConfig, fit_feature_ranker, split_users
+from palr.retrieval.candidates import candidates_for
+from palr.retrieval.load import load_run
+from palr.runs.store import begin_run, build_dir_atomic, copy_tree_atomic, finish_run, read_run, tree_digest
 from palr.train.examples import (
     attach_candidates,
     augment_swap,
@@ -48,7 +57,6 @@ log = logging.getLogger(__name__)
 
 def attribute_profiler(catalog: Any, enabled: bool = True) -> Any:
     """history -> profile text (the deterministic attribute profile; None when disabled)."""
-    from palr.rank.profiles import AttributeProfiler, HistoryProfiles
 
     return HistoryProfiles("-", catalog, AttributeProfiler(), enabled=enabled)
 
@@ -56,7 +64,6 @@ def attribute_profiler(catalog: Any, enabled: bool = True) -> Any:
 def run_profiles(dataset: Any, cfg: FinetuneConfig, out: Path | None) -> Any:
     """The profiles fine-tuning reads, from ``cfg.profiler`` (``attributes`` or ``llm:SPEC``), cached in the run
     (``profiles.sqlite``) so that ranking with the run reads the very same ones."""
-    from palr.rank.profiles import HistoryProfiles, ProfileCache, make_profiler
 
     if cfg.profiler == "llm":
         raise PalrError("fine-tuning cannot profile with the model it trains: give --profiler llm:SPEC "
@@ -89,7 +96,6 @@ def _trainer_class() -> Any:
 
         def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
                      metric_key_prefix: str = "eval") -> dict[str, float]:
-            from palr.llm.hf import HFLLM
 
             model = self.model
             was_training = model.training
@@ -125,8 +131,6 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
     import torch
     from transformers import set_seed
 
-    from palr.core import distributed
-    from palr.retrieval.load import load_run
 
     command = FinetuneCommand(run=Path(retriever_run), out=Path(out), train=cfg, data_dir=Path(data_dir) if data_dir
                               else None)  # refuses --out == --run
@@ -146,8 +150,6 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
 
     # 1. instruction data: genuine candidates of the fit share of validation users and/or training prefixes;
     #    the held-out share trains nothing (it picks the epoch and the fusion weights)
-    from palr.rank.trees import split_users
-    from palr.retrieval.candidates import candidates_for
 
     K = cfg.examples.n_candidates
     # every process builds the same lists (the sampler shards the records); one spare: the test item is skipped
@@ -169,7 +171,6 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         e.profile = text
     feats = None
     if cfg.feature_ranker or cfg.item_init in ("text", "hybrid"):
-        from palr.rank.features import CandidateFeatures
 
         feats = CandidateFeatures().fit(split, cfg.text_encoder, cfg.seed)
     with distributed.main_first():  # the main process creates base/, the others load it
@@ -182,7 +183,6 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
                                         progress=progress)
     labels_text = None
     if cfg.style == "text":
-        from palr.llm.protocol import single_token_labels
 
         labels_text = single_token_labels(tok, cfg.examples.n_candidates)
     if main:
@@ -231,15 +231,12 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         build_dir_atomic(llm_dir, save)  # never a half-written model folder
 
     # 5. fusion kind and weight on (up to cfg.weight_users) validation users, never on test
-    from palr.llm.hf import HFLLM
 
     llm = HFLLM.from_objects(model, tok, batch_size=64)
     vs_all = validation_set(split, valid_cands, cfg.weight_users, profile_of, cfg.seed, among=held_out)
     final = rank_metrics(Ranker(llm, builder), vs_all)  # sharded, the same result on every process
     features_doc = None
     if cfg.feature_ranker:  # 6. the feature ranker (fit share, stopped on the held-out share), fused on held-out
-        from palr.rank.fusion import held_out_table
-        from palr.rank.trees import FeatureRankerConfig, fit_feature_ranker
 
         fcfg = FeatureRankerConfig(n_candidates=K, holdout=cfg.holdout, text_encoder=cfg.text_encoder, seed=cfg.seed)
         franker, fmetrics = fit_feature_ranker(split, valid_cands, fcfg, features=feats)  # deterministic
@@ -334,8 +331,6 @@ def read_ranking(run: str | Path) -> dict[str, Any]:
 def export_model(run: str | Path, out: str | Path) -> Path:
     """The run's ranking LLM as one standalone Hugging Face model directory (serve it with vLLM or
     ``palr model serve``): a LoRA adapter merged into its base model, the embedded model copied as it is."""
-    from palr.llm.hf import merge_adapter
-    from palr.runs.store import copy_tree_atomic, read_run
 
     cfg = read_run(run, "palr")
     ranking = read_ranking(run)

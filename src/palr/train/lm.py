@@ -20,9 +20,16 @@ from typing import Any
 
 import numpy as np
 
+from palr.core import distributed
+from palr.core.console import progress_enabled
+from palr.core.metrics import ndcg
 from palr.core.settings import FinetuneConfig
 from palr.data.dataset import Split
+from palr.llm.hf import HFLLM
+from palr.llm.mini import build_mini, item_token_ids
+from palr.llm.prompts import history_head
 from palr.rank.llm_ranker import FUSION_GRID, PromptBuilder, Ranker, choose_weight, fuse, positional_ranks
+from palr.runs.store import build_dir_atomic
 from palr.train.examples import Example
 
 log = logging.getLogger(__name__)
@@ -38,8 +45,6 @@ def build_base(cfg: FinetuneConfig, split: Split, out: Path, retriever: Any,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if cfg.base_model == "mini":
-        from palr.llm.mini import build_mini, item_token_ids
-        from palr.runs.store import build_dir_atomic
 
         base_dir = out / "base"
 
@@ -62,7 +67,6 @@ def build_base(cfg: FinetuneConfig, split: Split, out: Path, retriever: Any,
         if vectors is not None:
             init_item_embeddings(model, item_token_ids(tok, split.n_items), vectors)
         return model, tok
-    from palr.llm.hf import HFLLM
 
     llm = HFLLM(cfg.base_model, dtype="auto")
     model, tok = llm.model, llm.tokenizer
@@ -127,7 +131,6 @@ def training_arguments(**kw: Any) -> Any:
     import torch
     from transformers import TrainingArguments
 
-    from palr.core import distributed
 
     if distributed.world_size() > 1 and not torch.cuda.is_available():
         kw.setdefault("use_cpu", True)
@@ -142,8 +145,6 @@ def training_arguments(**kw: Any) -> Any:
 def pretrain_rows(tok: Any, split: Split, builder: PromptBuilder, window: int = 100) -> list[dict[str, Any]]:
     """Training sequences written as the prompts write a history, cut into windows of ``window`` items;
     labels on the item tokens only (the next-item "language")."""
-    from palr.llm.mini import item_token_ids
-    from palr.llm.prompts import history_head
 
     head = tok.encode(history_head(builder.catalog), add_special_tokens=True)
     ids_of = item_token_ids(tok, split.n_items)
@@ -171,7 +172,6 @@ def pretrain_sequences(model: Any, tok: Any, split: Split, builder: PromptBuilde
     """
     import tempfile
 
-    from palr.core.console import progress_enabled
 
     if epochs <= 0:
         return []
@@ -210,7 +210,6 @@ def lm_trainer_class() -> Any:
     """A ``Trainer`` with PALR's loss that keeps the mean training loss of every epoch (``epoch_losses``)."""
     from transformers import Trainer, TrainerCallback
 
-    from palr.core import distributed
 
     class EpochLoss(TrainerCallback):
         def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -254,7 +253,6 @@ def unwrap(model: Any) -> Any:
 def encode_records(examples: list[Example], split: Split, tok: Any, builder: PromptBuilder,
                    tasks: tuple[str, ...], max_length: int, labels_text: list[str] | None) -> list[dict[str, Any]]:
     """Token ids, answer-only labels, and for verbalizer rows the candidates' label token ids."""
-    from palr.llm.mini import item_token_ids
 
     item_ids = item_token_ids(tok, split.n_items) if builder.style == "tokens" else None
     label_ids = ([tok.encode(x, add_special_tokens=False)[-1] for x in labels_text] if labels_text else None)
@@ -357,8 +355,6 @@ def rank_metrics(ranker: Ranker, vs: ValidationSet) -> dict[str, float]:
 
     Under a launcher each process scores its block of whole batches of users and every process gets all of them,
     so the choice is the same everywhere (and the same as one process's)."""
-    from palr.core import distributed
-    from palr.core.metrics import ndcg
 
     mine = distributed.shard(len(vs.histories), ranker.batch_size)
     lo, hi = (int(mine[0]), int(mine[-1]) + 1) if len(mine) else (0, 0)

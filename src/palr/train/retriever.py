@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from palr.core import distributed
 from palr.core.console import log_to
 from palr.core.io import write_json
 from palr.core.metrics import DEFAULT_KS
@@ -28,7 +29,7 @@ from palr.evaluate.tables import (
     write_per_user,
     write_predictions,
 )
-from palr.retrieval.base import Retriever, make_retriever, retriever_class
+from palr.retrieval.base import Retriever, check_settings, make_retriever, retriever_class
 from palr.runs.store import begin_run, dataset_info, finish_run
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def train_run(config: TrainConfig | DataSpec | str, retriever: str = "sasrec", o
             raise TypeError("train_run needs out= when not given a TrainConfig")
         cfg = TrainConfig(out=Path(out), data=as_spec(config, data_dir), retriever=retriever, params=dict(params or {}),
                           seed=seed, overwrite=overwrite)
+    check_settings(cfg)
     spec = cfg.data.resolved()
     split = load_split(spec)
     args = {**flat(cfg), **flat(spec), "_dataset_fingerprint": dataset_info(split.dataset)["fingerprint"]}
@@ -114,7 +116,6 @@ def evaluate_models(models: dict[str, Retriever], split: Split, out: str | Path 
 
     Under a launcher with several processes the users are split across them and gathered (identical figures);
     the main process writes the files and gets the document, the others get None."""
-    from palr.core import distributed
 
     pairs = comparison_pairs(list(models), baseline)
     results: dict[str, Any] = {}

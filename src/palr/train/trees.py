@@ -17,7 +17,11 @@ import json
 import time
 from pathlib import Path
 
+from palr.core.io import write_json
 from palr.rank.trees import FeatureRankerConfig, fit_feature_ranker
+from palr.retrieval.candidates import candidates_for
+from palr.retrieval.load import load_run
+from palr.runs.store import begin_run, finish_run
 
 
 def train_feature_run(retriever_run: str | Path, out: str | Path, cfg: FeatureRankerConfig, *,
@@ -26,10 +30,6 @@ def train_feature_run(retriever_run: str | Path, out: str | Path, cfg: FeatureRa
     import shutil
     from dataclasses import asdict
 
-    from palr.core.io import write_json
-    from palr.retrieval.candidates import candidates_for
-    from palr.retrieval.load import load_run
-    from palr.runs.store import begin_run, finish_run
 
     t0 = time.perf_counter()
     rcfg, retriever, split = load_run(retriever_run, data_dir)

@@ -39,6 +39,7 @@ from palr.core.io import write_atomic, write_json
 from palr.core.settings import DataSpec
 from palr.data import Split, load_split
 from palr.evaluate.retrievers import evaluate_retriever
+from palr.retrieval.base import REGISTRY
 from palr.runs.store import begin_run
 from palr.train.retriever import fit_retriever, save_retriever_run
 
@@ -123,7 +124,6 @@ def load_space_file(path: str | Path, retriever: str) -> dict[str, Any]:
 def search_space(retriever: str, override: dict[str, Any] | None = None,
                  fixed: dict[str, Any] | None = None) -> dict[str, Any]:
     """The default space for ``retriever`` with ``override`` merged over it and ``fixed`` parameters removed."""
-    from palr.retrieval.base import REGISTRY
 
     if retriever not in REGISTRY:
         raise PalrError(f"unknown retriever {retriever!r}; known: {', '.join(sorted(REGISTRY))}")
