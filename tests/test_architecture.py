@@ -75,3 +75,38 @@ def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from palr.core.errors import PalrError\n    return PalrError\n")
     assert "palr.core.errors" in palr_imports(f)
+
+
+def test_one_recommend_request_walks_downhill(tiny_ml100k_run: dict[str, Path]) -> None:
+    """Load a PALR run and recommend for one user: every call between palr's stages goes down (or stays), and
+    the request touches at most rank, runs, data, retrieval, llm (+ core); the CLI or the HTTP app adds one."""
+    import sys
+
+    from palr.rank.pipeline import PALR
+
+    calls: dict[tuple[str, str], int] = {}
+
+    def stage_of(frame: object) -> str | None:
+        parts = getattr(frame, "f_globals", {}).get("__name__", "").split(".")
+        return parts[1] if parts[0] == "palr" and len(parts) > 1 and parts[1] in LEVEL else None
+
+    def profile(frame: object, event: str, arg: object) -> None:
+        if event != "call" or (callee := stage_of(frame)) is None:
+            return
+        f = frame.f_back  # type: ignore[attr-defined]
+        while f is not None and stage_of(f) is None:
+            f = f.f_back
+        caller = stage_of(f) if f is not None else "<caller>"
+        calls[(caller, callee)] = calls.get((caller, callee), 0) + 1  # type: ignore[index]
+
+    sys.setprofile(profile)
+    try:
+        rec = PALR.load(tiny_ml100k_run["palr"], data_dir=tiny_ml100k_run["data_dir"]).recommend(user="1", k=5)
+    finally:
+        sys.setprofile(None)
+    assert len(rec.items) == 5
+    upward = sorted(f"{a} -> {b}" for a, b in calls if a in LEVEL and LEVEL[b] > LEVEL[a])
+    assert upward == [], f"calls that climb back up the layers: {upward}"
+    stages = {b for _, b in calls}
+    assert stages <= {"rank", "runs", "data", "retrieval", "llm", "core"}, stages
+    assert "rank" in stages and "retrieval" in stages  # the trace saw the request
