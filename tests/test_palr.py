@@ -148,10 +148,10 @@ def test_saved_model_reloads_to_identical_scores(tiny_run: dict) -> None:
     hist = split.histories("test")[:8]
     cands, _ = a.candidates(hist)
     prof = [a.profile_text(h) for h in hist]
-    la = a.ranker.verbalizer_logprobs(hist, prof, cands)
-    lb = b.ranker.verbalizer_logprobs(hist, prof, cands)
+    la = a.ranker.llm_ranker.verbalizer_logprobs(hist, prof, cands)
+    lb = b.ranker.llm_ranker.verbalizer_logprobs(hist, prof, cands)
     np.testing.assert_allclose(la, lb, rtol=0, atol=1e-6)
-    single = np.concatenate([a.ranker.verbalizer_logprobs(hist[i:i + 1], prof[i:i + 1], cands[i:i + 1]) for i in range(8)])
+    single = np.concatenate([a.ranker.llm_ranker.verbalizer_logprobs(hist[i:i + 1], prof[i:i + 1], cands[i:i + 1]) for i in range(8)])
     np.testing.assert_allclose(la, single, atol=1e-4)  # batch == one by one (left padding)
 
 
@@ -214,23 +214,25 @@ def test_recommend_user_history_and_errors(tiny_run: dict) -> None:
 
 
 def test_a_failing_llm_keeps_the_retriever_order(tiny_run: dict) -> None:
+    from palr.core.errors import LLMUnavailable
     from palr.rank.pipeline import PALR
 
-    palr = PALR.load(tiny_run["palr"])
+    palr = PALR.load(tiny_run["palr"], allow_fallback=True)
+    llm_ranker = palr.ranker.llm_ranker
 
     class Broken:
-        tokenizer = palr.ranker.llm.tokenizer
+        tokenizer = llm_ranker.llm.tokenizer
 
         def next_token_logprobs(self, prompts: list[str]) -> np.ndarray:
-            raise TimeoutError("server went away")
+            raise LLMUnavailable("server went away")
 
-    palr.ranker.llm = Broken()
+    llm_ranker.llm = Broken()
     hist = palr.split.histories("test")[:3]
     cands, sc = palr.candidates(hist)
-    llm_ranker = getattr(palr.ranker, "llm_ranker", palr.ranker)
     res = llm_ranker.rank(hist, [None] * 3, cands)
     assert res.failed.all() and res.notes
     assert res.order.tolist() == cands.tolist()
+    assert res.ranked_by(0) == "itemknn order (LLM failed)"
     # fused with the run's feature ranker (weight above 0): the feature ranker's order stands
     from palr.rank.fusion import FusedRanker
     from palr.rank.trees import FeatureRanker
@@ -241,6 +243,7 @@ def test_a_failing_llm_keeps_the_retriever_order(tiny_run: dict) -> None:
     res = fused.rank(hist, [None] * 3, cands, sc)
     assert res.failed.all() and res.notes and fused.failed_users == before + 3
     assert res.order.tolist() == fused.features.rank(hist, None, cands, sc).order.tolist()
+    assert res.ranked_by(0) == "trees (LLM failed)"
 
 
 def test_the_embedded_model_served_over_openai_ranks_as_the_local_one(tiny_run: dict) -> None:
@@ -254,11 +257,11 @@ def test_the_embedded_model_served_over_openai_ranks_as_the_local_one(tiny_run: 
     prof = [local.profile_text(h) for h in hist]
     with BackgroundServer(create_app(f"mini:{tiny_run['palr'] / 'llm'}")) as url:
         served = PALR.load(tiny_run["palr"], llm=f"openai:palr@{url}", allow_fallback=False)
-        assert served.ranker.builder.style == "tokens"
-        np.testing.assert_allclose(served.ranker.verbalizer_logprobs(hist, prof, cands),
-                                   local.ranker.verbalizer_logprobs(hist, prof, cands), atol=1e-3)
+        assert served.ranker.llm_ranker.builder.style == "tokens"
+        np.testing.assert_allclose(served.ranker.llm_ranker.verbalizer_logprobs(hist, prof, cands),
+                                   local.ranker.llm_ranker.verbalizer_logprobs(hist, prof, cands), atol=1e-3)
         rec = served.recommend(user=local.split.dataset.user_ids[0], k=3)
-        assert rec.llm["ranked_by"] == "llm"
+        assert rec.llm["consulted"] == list(served.ranker.components) and rec.llm["ranker"] == served.ranker.label
 
 
 def test_generative_mode_only_returns_candidates_even_with_injected_titles(tiny_run: dict) -> None:
@@ -351,11 +354,11 @@ def test_lora_finetune_saves_an_adapter_that_moved_and_reloads(tiny_run: dict, t
     hist = palr.split.histories("test")[:4]
     cands, _ = palr.candidates(hist)
     prof = [palr.profile_text(h) for h in hist]
-    a = palr.ranker.verbalizer_logprobs(hist, prof, cands)
-    b = again.ranker.verbalizer_logprobs(hist, prof, cands)
+    a = palr.ranker.llm_ranker.verbalizer_logprobs(hist, prof, cands)
+    b = again.ranker.llm_ranker.verbalizer_logprobs(hist, prof, cands)
     np.testing.assert_allclose(a, b, atol=1e-6)
-    palr.ranker.llm = plain  # the base model without the adapter scores differently
-    c = palr.ranker.verbalizer_logprobs(hist, prof, cands)
+    palr.ranker.llm_ranker.llm = plain  # the base model without the adapter scores differently
+    c = palr.ranker.llm_ranker.verbalizer_logprobs(hist, prof, cands)
     assert not np.allclose(a, c, atol=1e-4)
 
 

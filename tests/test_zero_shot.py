@@ -48,7 +48,7 @@ def test_a_retriever_run_ranks_zero_shot_with_any_llm(retriever_run: Path, tiny_
     rec = palr.recommend(user=user, k=5, explain=True)
     cands, _ = palr.candidates([palr.split.dataset.sequences[0]])
     assert len(rec.items) == 5 and {it["item"] for it in rec.items} <= {palr.catalog.item_ids[c] for c in cands[0]}
-    assert rec.llm["ranked_by"] == "llm" and not any("fell back" in n or "failed" in n for n in rec.notes)
+    assert rec.llm["ranked_by"] == "LLM" and not any("fell back" in n or "failed" in n for n in rec.notes)
     assert all(it["explanation"] for it in rec.items)
     doc = evaluate_palr_run(retriever_run, out=tmp_path / "r.json", predictions=tmp_path / "p.jsonl",
                             llm=f"hf:{tiny_dir}", n_users=12, valid_users=8, latency_users=2, progress=False)
@@ -94,7 +94,7 @@ def test_an_unreachable_llm_stops_with_one_line_unless_fallback_is_allowed(retri
     ok = PALR.load(retriever_run, llm=spec, allow_fallback=True)
     ok.ranker.llm.backoff = 0.01
     rec = ok.recommend(user=user, k=3)
-    assert rec.llm["ranked_by"].startswith("retriever") and rec.llm["ranking_fallback_users"] == 1
+    assert rec.llm["ranked_by"] == "itemknn order (LLM failed)" and rec.llm["ranking_fallback_users"] == 1
     assert any("retriever's order stands" in n for n in rec.notes)
     assert ok.llm_counts()["request_failures"] >= 1
 

@@ -134,16 +134,19 @@ def evaluate(cfg: C.EvaluateConfig) -> None:
             doc = evaluate_palr_run(cfg.run, out=out, predictions=predictions,
                                     retriever_predictions=cfg.retriever_predictions, data_dir=cfg.data.data_dir,
                                     per_user=cfg.per_user, llm=cfg.llm, allow_fallback=cfg.allow_fallback,
+                                    llm_predictions=cfg.llm_predictions,
                                     n_users=cfg.users, seed=cfg.seed,
                                     n_candidates=(cfg.candidates or None) if cfg.llm else None,
                                     latency_users=20 if cfg.llm else 100)
             if doc is None:  # a worker process of a sharded evaluation: the main process reports
                 return
             counts = doc["llm"]
-            console.print(f"LLM {counts['name']}: {doc['llm_failures']} of {doc['protocol']['test_users']} test users "
-                          f"fell back to the retriever's order; {counts['request_failures']} failed requests; "
-                          f"profiles: {counts['profiler']} ({counts['profile_fallbacks']} fallbacks)",
-                          highlight=False, markup=False)
+            console.print(f"PALR ranked by: {doc['protocol']['ranked_by']}", highlight=False, markup=False)
+            if counts["name"]:
+                console.print(f"LLM {counts['name']}: {doc['llm_failures']} of {doc['protocol']['test_users']} test users "
+                              f"fell back; {counts['request_failures']} failed requests; "
+                              f"profiles: {counts['profiler']} ({counts['profile_fallbacks']} fallbacks)",
+                              highlight=False, markup=False)
         else:
             from palr.retrieval.load import load_run
             from palr.train.retriever import evaluate_models
@@ -174,10 +177,11 @@ def evaluate(cfg: C.EvaluateConfig) -> None:
                               seed=cfg.seed, per_user=cfg.per_user, baseline=cfg.baseline)
     if doc is None:  # not the main process: its users were gathered there
         return
-    console.print(results_table(doc["results"], "test"))
+    console.print(results_table(doc["results"], "test", labels=doc.get("ranked_by")))
     if doc.get("comparisons"):
         console.print(comparisons_table(doc["comparisons"], "test"))
-    console.print(escape(f"wrote {out}" + (f" and {predictions}" if predictions else "")))
+    written = [str(p) for p in (predictions, cfg.llm_predictions) if p]
+    console.print(escape(f"wrote {out}" + "".join(f" and {p}" for p in written)))
 
 
 def compare(cfg: C.CompareConfig) -> None:
@@ -319,7 +323,9 @@ def print_recommendation(rec: object) -> None:
     for n in rec.notes:  # type: ignore[attr-defined]
         console.print(f"[yellow]note:[/yellow] {escape(n)}")
     llm = rec.llm  # type: ignore[attr-defined]
-    console.print(f"[bold]ranked by:[/bold] {escape(str(llm.get('ranked_by')))} ({escape(str(llm.get('name')))}; "
+    ranker = f"ranker: {llm['ranker']}; " if llm.get("ranker") and llm.get("ranker") != llm.get("ranked_by") else ""
+    console.print(f"[bold]ranked by:[/bold] {escape(str(llm.get('ranked_by')))} ({escape(ranker)}"
+                  f"LLM {escape(str(llm.get('name') or 'none'))}; "
                   f"LLM failures so far: {llm.get('ranking_fallback_users', 0)})")
     console.print(f"[bold]profile:[/bold] {escape(rec.profile)}")  # type: ignore[attr-defined]
     for i, it in enumerate(rec.items, 1):  # type: ignore[attr-defined]

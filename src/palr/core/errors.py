@@ -44,5 +44,12 @@ class LLMUnavailable(PalrError):
     """
 
 
+class LLMRequestFailed(PalrError):
+    """An LLM server answered, but not usably, after its retries (server errors, malformed answers).
+
+    Like :class:`LLMUnavailable`, a failure of the backend rather than of palr: with ``--allow-fallback`` the
+    ranker's fallback order stands for the users concerned; without it the command stops."""
+
+
 class ConfigError(PalrError):
     """A flag, ``--param`` or config-file value is unknown or has the wrong type; names the valid choices."""

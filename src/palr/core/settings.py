@@ -157,6 +157,9 @@ class EvaluateConfig:
                                                         also_positional=True))
     out: Path = field(default=Path("results.json"), metadata=opt("results.json path.", "-o", "--out"))
     predictions: Path | None = field(default=None, metadata=opt("Test predictions JSONL."))
+    llm_predictions: Path | None = field(default=None, metadata=opt(
+        "(PALR runs, --llm) the LLM ranker's order alone over the same candidates (JSONL like --predictions), with "
+        "its row in the table, also when the run's ranker does not use the LLM."))
     retriever_predictions: Path | None = field(default=None, metadata=opt(
         "(PALR runs) the retriever's own predictions."))
     candidates: int = field(default=0, metadata=opt("Also write each test user's top-N and its recall."))
@@ -182,6 +185,8 @@ class EvaluateConfig:
                 raise ConfigError("give --run DIR, or --dataset NAME with --retriever NAME")
         elif self.params:
             raise ConfigError("--param applies to retrievers fitted here (--dataset/--retriever), not to --run")
+        if self.llm_predictions is not None and self.run is None:
+            raise ConfigError("--llm-predictions needs --run (a PALR run, or a retriever run with --llm)")
 
 
 # ---------------------------------------------------------------------------- LLM layer

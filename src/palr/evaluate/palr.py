@@ -17,6 +17,7 @@ import numpy as np
 
 from palr.core import distributed
 from palr.core.console import progress_enabled
+from palr.core.errors import PalrError
 from palr.core.io import write_json
 from palr.core.metrics import DEFAULT_KS, metrics_from_ranks
 from palr.evaluate.retrievers import evaluate_retriever
@@ -30,50 +31,41 @@ from palr.rank.llm_ranker import (
     retriever_prior,
 )
 from palr.rank.pipeline import PALR
+from palr.rank.protocol import LLM, Ranker, palr_label
 from palr.runs.card import write_model_card
 from palr.runs.store import dataset_info
 
 
 # ---------------------------------------------------------------------------- evaluation
-def _rank_all(palr: PALR, hist: list[np.ndarray], profiles: list[str | None], cands: np.ndarray,
-              cscores: np.ndarray, progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray, int, float]:
-    """(llm log-probs (U, K) in retriever order, failed (U,), invalid generations, seconds) over all users."""
+def _rank_all(ranker: Ranker, hist: list[np.ndarray], profiles: list[str | None], cands: np.ndarray,
+              cscores: np.ndarray, users: np.ndarray, progress: bool, desc: str, weight: float | None = None,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, float]:
+    """(scores (U, K) and LLM log-probs (U, K), both in retriever order; failed (U,); invalid generations;
+    seconds) of ``ranker`` over all users, a batch at a time."""
     from tqdm.auto import tqdm
 
-    bs = palr.ranker.batch_size
-    lps, failed, invalid = [], [], 0
+    bs = ranker.batch_size
+    fused, lps, failed, invalid = [], [], [], 0
     t0 = time.perf_counter()
     for s in tqdm(range(0, len(hist), bs), desc=desc, disable=not progress, leave=False):
-        r = palr.ranker.rank(hist[s:s + bs], profiles[s:s + bs], cands[s:s + bs], cscores[s:s + bs], weight=0.0)
-        if palr.ranker.mode == "generative":  # positions of the generated order, as pseudo log-probs
-            pos = np.argsort(np.argsort([[list(o).index(c) for c in row] for o, row in zip(r.order, cands[s:s + bs])]))
-            lps.append(-pos.astype(np.float32))
-        else:
-            lps.append(r.llm_logprobs)
+        sl = slice(s, s + bs)
+        r = ranker.rank(hist[sl], profiles[sl], cands[sl], cscores[sl], users[sl], weight=weight)
+        fused.append(r.candidate_scores)
+        lps.append(r.llm_logprobs)
         failed.append(r.failed)
         invalid += r.invalid_generations
-    return np.concatenate(lps), np.concatenate(failed), invalid, time.perf_counter() - t0
+    K = cands.shape[1]
+    if not fused:
+        return np.empty((0, K)), np.empty((0, K), np.float32), np.zeros(0, bool), 0, 0.0
+    return (np.concatenate(fused), np.concatenate(lps), np.concatenate(failed), invalid,
+            time.perf_counter() - t0)
 
 
-def _own_scores(palr: PALR, hist: list[np.ndarray], profiles: list[str | None], cands: np.ndarray,
-                cscores: np.ndarray, users: np.ndarray, progress: bool, desc: str,
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fused scores, LLM log-probs, failed), candidates in retriever order, from a ranker that fuses itself."""
-    from tqdm.auto import tqdm
-
-    bs = palr.ranker.batch_size
-    parts = [palr.ranker.score_candidates(hist[s:s + bs], profiles[s:s + bs], cands[s:s + bs], cscores[s:s + bs],
-                                          users=users[s:s + bs])
-             for s in tqdm(range(0, len(hist), bs), desc=desc, disable=not progress, leave=False)]
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
-
-
-def _fused_ranks(lp: np.ndarray, failed: np.ndarray, cands: np.ndarray, cscores: np.ndarray, targets: np.ndarray,
-                 weight: float, fusion: str) -> np.ndarray:
-
-    fused = fuse(floor_missing(lp), weight, cscores, fusion)
+def _llm_alone(lp: np.ndarray, failed: np.ndarray, cands: np.ndarray, cscores: np.ndarray, fusion: str) -> np.ndarray:
+    """(U, K) scores of the LLM alone (weight 0), candidates in retriever order; failed rows: the retriever's."""
+    fused = fuse(floor_missing(lp), 0.0, cscores, fusion)
     fused[failed] = retriever_prior(cands.shape, cscores, fusion)[failed]
-    return positional_ranks(fused, cands, targets)
+    return fused
 
 
 def choose_zero_shot_weight(palr: PALR, n_users: int, seed: int = 0, progress: bool = True) -> dict[str, Any]:
@@ -84,8 +76,11 @@ def choose_zero_shot_weight(palr: PALR, n_users: int, seed: int = 0, progress: b
     users = np.sort(rng.choice(len(split.train), size=min(n_users, len(split.train)), replace=False))
     hist = [split.train[u] for u in users]
     cands, cscores = palr.candidates(hist)
-    lp, failed, _, secs = _rank_all(palr, hist, palr.profiles.texts(hist), cands, cscores, progress,
-                                    "LLM ranking (valid)")
+    inner = palr.ranker.llm_ranker
+    if inner is None:
+        raise PalrError("this run ranks without an LLM: there is no LLM weight to choose")
+    _, lp, failed, _, secs = _rank_all(inner, hist, palr.profiles.texts(hist), cands, cscores, users, progress,
+                                       "LLM ranking (valid)", weight=0.0)
 
     lp = floor_missing(lp)
     lp[failed] = 0.0  # a failed user: the LLM adds nothing, the prior decides
@@ -95,11 +90,13 @@ def choose_zero_shot_weight(palr: PALR, n_users: int, seed: int = 0, progress: b
 
 
 def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_KS, progress: bool = True,
-                  latency_users: int = 100, users: np.ndarray | None = None) -> dict[str, Any] | None:
-    """Retriever alone (full ranking), PALR end to end (a retrieval miss counts as a miss; the run's fusion
-    weight), the LLM alone (weight 0), PALR on the users whose target was retrieved, the ranking time per user
-    and the LLM's failures. ``users``: a subset (all by default); the retriever's figures are then on the same
-    subset.
+                  latency_users: int = 100, users: np.ndarray | None = None,
+                  llm_alone: bool = False) -> dict[str, Any] | None:
+    """Retriever alone (full ranking), PALR end to end (a retrieval miss counts as a miss; the run's ranker), the
+    LLM alone (weight 0; ``llm_alone``: also when the run's ranker does not consult its LLM), PALR on the users
+    whose target was retrieved, the ranking time per user and the LLM's failures. ``users``: a subset (all by
+    default); the retriever's figures are then on the same subset. ``ranked_by`` names what ordered each row of
+    the results (``"PALR: trees + LLM"``).
 
     Under a launcher with several processes (``torchrun``, ``accelerate launch``) each process ranks a block of
     whole batches of users and the main process gathers the per-user results: the figures are those of one
@@ -124,30 +121,32 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     profiles = palr.profiles.texts(hist)
     prof_s = time.perf_counter() - t0
     K = cands.shape[1]
-    own = hasattr(palr.ranker, "score_candidates")  # the feature ranker and the fused PALR ranker fuse themselves
-    if own and len(hist):
-        fused, lp, failed_mask = _own_scores(palr, hist, profiles, cands, cscores, sel, show, f"ranking ({stage})")
-        invalid = 0
-    elif len(hist):
-        lp, failed_mask, invalid, _ = _rank_all(palr, hist, profiles, cands, cscores, show, f"PALR ranking ({stage})")
-    else:
-        lp, failed_mask, invalid = np.empty((0, K), np.float32), np.zeros(0, dtype=bool), 0
-        fused = np.empty((0, K))
-    w, fusion = float(palr.ranker.weight), palr.ranker.fusion
-    if not own:
-        fused = fuse(floor_missing(lp), w, cscores, fusion)
-        fused[failed_mask] = retriever_prior(cands.shape, cscores, fusion)[failed_mask]
+    ranker = palr.ranker
+    fused, lp, failed_mask, invalid, _ = _rank_all(ranker, hist, profiles, cands, cscores, sel, show,
+                                                   f"PALR ranking ({stage})")
     order, _ = order_by(fused, cands)
     ranks_part = positional_ranks(fused, cands, targets)
-    # the LLM was not consulted (the feature ranker, or a fused ranker whose LLM weight is 0): no "LLM alone" row,
-    # which would otherwise be the retriever's order relabelled
-    no_llm = own and (float(palr.ranker.weight) == 0.0 or not np.isfinite(lp).any())
+    # "LLM alone": the LLM's own order over the same candidates. Shown when the ranking asked the LLM anyway, for
+    # the LLM ranker (its LLM is the point), or when asked for (``llm_alone``); never the retriever's order
+    # relabelled when the LLM was not consulted (the trees alone, or a fused ranker whose LLM weight is 0).
+    inner = ranker.llm_ranker
+    if llm_alone and inner is None:
+        raise PalrError(f"this run ranks with {ranker.label} and holds no LLM: no LLM-alone ranking to write")
+    consulted = LLM in ranker.components and bool(np.isfinite(lp).any())
+    with_llm = inner is not None and (consulted or llm_alone or inner is ranker)
     part = {"order": order, "ranks": ranks_part,
-            "llm_ranks": ranks_part if no_llm else
-            _fused_ranks(lp, failed_mask, cands, cscores, targets, 0.0, "rank" if own else fusion),
             "hit": np.array([t in row for row, t in zip(cands, targets)], dtype=bool),
             "retr_ranks": retr["ranks"], "retr_predictions": retr["predictions"], "targets": targets,
             "failed": failed_mask, "invalid": invalid}
+    if with_llm:
+        assert inner is not None
+        lp_alone, failed_alone = lp, failed_mask
+        if not consulted:  # the ranking did not ask the LLM: ask it now, alone (weight 0)
+            _, lp_alone, failed_alone, _, _ = _rank_all(inner, hist, profiles, cands, cscores, sel, show,
+                                                        f"LLM alone ({stage})", weight=0.0)
+        alone = _llm_alone(lp_alone, failed_alone, cands, cscores, inner.fusion)
+        part["llm_ranks"] = positional_ranks(alone, cands, targets)
+        part["llm_order"] = order_by(alone, cands)[0]
     g = distributed.gather_arrays(part)
     if g is None:
         return None
@@ -162,7 +161,7 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
         palr.ranker.rank([hist[u]], [profiles[u]], cands[u:u + 1], cscores[u:u + 1], users=sel[u:u + 1])
         lat.append(time.perf_counter() - t1)
     retr_name = palr.retriever_name
-    llm_ranks = g["llm_ranks"]
+    llm_ranks = g.get("llm_ranks", np.zeros(0, np.int64))
     results = {
         f"{retr_name} (retriever)": {stage: {**metrics_from_ranks(g["retr_ranks"], ks), f"Recall@{K}": float(hit.mean())}},
         "PALR (end to end)": {stage: {**metrics_from_ranks(ranks, ks), f"Recall@{K}": float(hit.mean())}},
@@ -183,12 +182,18 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     pairs = [("PALR (end to end)", f"{retr_name} (retriever)"),
              ("LLM alone (end to end)", f"{retr_name} (retriever)"),
              ("PALR (target retrieved)", f"{retr_name} (target retrieved)")]
-    if no_llm:
+    if not with_llm:
         for d in (results, per_user_ranks):
             d.pop("LLM alone (end to end)")
         pairs = [p for p in pairs if p[0] != "LLM alone (end to end)"]
     pairs = [(a, b) for a, b in pairs if len(per_user_ranks[a][stage])]  # no target retrieved: nothing to pair
-    return {"results": results, "timings": timings, "order": g["order"], "retriever_predictions": g["retr_predictions"],
+    ranked_by = {f"{retr_name} (retriever)": retr_name, "PALR (end to end)": palr_label(ranker),
+                 "PALR (target retrieved)": palr_label(ranker), f"{retr_name} (target retrieved)": retr_name}
+    if with_llm:
+        ranked_by["LLM alone (end to end)"] = f"{LLM} alone (weight 0)"
+    return {"results": results, "ranked_by": ranked_by, "consulted": list(ranker.components),
+            "llm_order": g.get("llm_order"),
+            "timings": timings, "order": g["order"], "retriever_predictions": g["retr_predictions"],
             "users": everyone, "targets": g["targets"], "ranks": per_user_ranks,
             "comparisons": compare_ranks(per_user_ranks, pairs, ks), "llm_failures": int(g["failed"].sum()),
             "invalid_generations": g["invalid"]}
@@ -198,13 +203,15 @@ def evaluate_palr_run(run: str | Path, out: str | Path | None = None, prediction
                       retriever_predictions: str | Path | None = None, data_dir: str | Path | None = None,
                       mode: str | None = None, progress: bool = True,
                       per_user: str | Path | None = None, *, llm: str | None = None,
-                      allow_fallback: bool = True, n_users: int = 0, seed: int = 0, n_candidates: int | None = None,
+                      llm_predictions: str | Path | None = None, allow_fallback: bool = False,
+                      n_users: int = 0, seed: int = 0, n_candidates: int | None = None,
                       valid_users: int | None = None, profiler: str | None = None,
                       latency_users: int = 100, weight: float | None = None,
                       fusion: str | None = None) -> dict[str, Any] | None:
     """`palr evaluate --run RUN [--llm SPEC]`: the test split, retriever and PALR measured in one run; PALR (and
     the LLM alone) compared with its retriever on the same users (paired-bootstrap 95% CIs of the difference and
-    ratio, p-value).
+    ratio, p-value). ``llm_predictions``: also write the LLM ranker's order alone over the same candidates (JSONL
+    like ``predictions``), with its row in the results, even when the run's ranker does not use its LLM.
 
     A retriever run with ``llm`` is ranked zero-shot; its fusion weight is chosen on ``valid_users`` seeded
     validation users (default: as many as test users), never on test. ``n_users``: a seeded subset of test users
@@ -227,13 +234,19 @@ def evaluate_palr_run(run: str | Path, out: str | Path | None = None, prediction
         nv = valid_users if valid_users is not None else (n_users or split.dataset.n_users)
         if nv > 0:
             selection = choose_zero_shot_weight(palr, nv, seed, progress)
-            palr.ranker.weight, palr.ranker.fusion = selection["weight"], selection["fusion"]
+            inner = palr.ranker.llm_ranker
+            assert inner is not None  # a zero-shot run ranks with its LLM
+            inner.weight, inner.fusion, inner.chosen_on = selection["weight"], selection["fusion"], "validation users"
             palr.ranking.update(weight=selection["weight"], fusion=selection["fusion"])
-    ev = evaluate_palr(palr, "test", progress=progress, users=users, latency_users=latency_users)
+    palr.ranking["ranked_by"] = palr.ranker.label
+    ev = evaluate_palr(palr, "test", progress=progress, users=users, latency_users=latency_users,
+                       llm_alone=llm_predictions is not None)
     if ev is None:
         return None
     if predictions:
         write_predictions(predictions, split.dataset, ev["order"], users=ev["users"])
+    if llm_predictions:
+        write_predictions(llm_predictions, split.dataset, ev["llm_order"], users=ev["users"])
     if retriever_predictions:
         write_predictions(retriever_predictions, split.dataset, ev["retriever_predictions"], users=ev["users"])
     retr_name = palr.retriever_name
@@ -248,10 +261,11 @@ def evaluate_palr_run(run: str | Path, out: str | Path | None = None, prediction
                         "fusion_weight": palr.ranker.weight, "fusion": palr.ranker.fusion,
                         "fusion_weight_chosen_on": "validation users",
                         "ranking_mode": palr.ranker.mode, "prompt_style": palr.ranking["style"],
+                        "ranked_by": palr.ranker.label, "consulted": ev["consulted"],
                         "llm": counts["name"], "zero_shot": bool(palr.ranking.get("zero_shot")),
                         "profiler": counts["profiler"], "test_users": n,
                         "test_users_seed": seed if users is not None else None},
-           "dataset": dataset_info(split.dataset), "results": ev["results"],
+           "dataset": dataset_info(split.dataset), "results": ev["results"], "ranked_by": ev["ranked_by"],
            "comparisons": ev["comparisons"], "statistics": statistics_protocol(), "timings": ev["timings"],
            "llm_failures": ev["llm_failures"], "llm_failure_share": round(ev["llm_failures"] / max(n, 1), 4),
            "invalid_generations": ev["invalid_generations"], "llm": counts}

@@ -85,17 +85,21 @@ def _rank_users(retriever: Retriever, histories: Sequence[np.ndarray], targets: 
 
 
 def results_table(results: dict[str, dict[str, dict[str, float]]], stage: Stage = "test",
-                  columns: Sequence[str] = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")) -> Any:
-    """A rich Table of {model: {stage: metrics}}."""
+                  columns: Sequence[str] = ("HR@10", "NDCG@10", "HR@20", "NDCG@20"),
+                  labels: dict[str, str] | None = None) -> Any:
+    """A rich Table of {model: {stage: metrics}}; ``labels``: {model: what ordered it} (a "ranked by" column)."""
     from rich.table import Table
 
     extra = sorted({c for r in results.values() for c in r.get(stage, {}) if c.startswith("Recall@")})
     table = Table(title=f"{stage} (full ranking, leave-one-out, seeded random ties)")
     table.add_column("model", min_width=12)
+    if labels:
+        table.add_column("ranked by", min_width=12)
     for c in [*columns, *extra, "users"]:
         table.add_column(c, justify="right", no_wrap=True, min_width=6)
     for model, by_stage in results.items():
         m = by_stage.get(stage, {})
         cells = [f"{m[c]:.4f}" if isinstance(m.get(c), float) else str(m.get(c, "")) for c in [*columns, *extra]]
-        table.add_row(model, *cells, str(m.get("users", "")))
+        by = [labels.get(model, "")] if labels else []
+        table.add_row(model, *by, *cells, str(m.get("users", "")))
     return table

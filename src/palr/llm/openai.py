@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from palr.core.errors import LLMUnavailable, PalrError
+from palr.core.errors import LLMRequestFailed, LLMUnavailable, PalrError
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class OpenAILLM:
             self.consecutive_unreachable += 1
             raise LLMUnavailable(f"LLM server {self.base_url} unreachable ({attempts} attempts): {last}")
         self.consecutive_unreachable = 0
-        raise PalrError(f"LLM server {self.base_url}{path} failed after {attempts} attempts: {last}")
+        raise LLMRequestFailed(f"LLM server {self.base_url}{path} failed after {attempts} attempts: {last}")
 
     def _map(self, fn: Any, items: list[Any]) -> list[Any]:
         if len(items) <= 1 or self.concurrency == 1:

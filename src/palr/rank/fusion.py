@@ -10,14 +10,17 @@ feature ranker's order stands and the result says so.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from palr.core.errors import LLMRequestFailed, LLMUnavailable
 from palr.core.metrics import ndcg
-from palr.rank.llm_ranker import Ranker, RankResult, order_by, positional_ranks
+from palr.rank.llm_ranker import LLMRanker, order_by, positional_ranks
+from palr.rank.protocol import LLM, TREES, RankResult, label, unused_reason
 from palr.rank.trees import FeatureRanker, break_ties
 
 log = logging.getLogger(__name__)
@@ -47,72 +50,68 @@ def choose_feature_weight(tree_scores: np.ndarray, llm_logprobs: np.ndarray, can
 
 
 class FusedRanker:
-    """LLM verbalizer scores + feature-ranker scores; the same ``rank`` contract as the other rankers."""
+    """LLM verbalizer scores + feature-ranker scores; implements :class:`palr.rank.protocol.Ranker`. With weight 0
+    the LLM is not asked (the trees alone rank, and the label says so). ``chosen_on``: where ``weight`` was chosen."""
 
     mode = "verbalizer+features"
     fusion = "features"  # ``weight`` multiplies the LLM's log-softmax added to the trees' score
 
-    def __init__(self, llm_ranker: Ranker, features: FeatureRanker, weight: float) -> None:
-        self.llm_ranker, self.features, self.weight = llm_ranker, features, weight
+    def __init__(self, llm_ranker: LLMRanker, features: FeatureRanker, weight: float, chosen_on: str = "") -> None:
+        self.llm_ranker, self.features, self.weight, self.chosen_on = llm_ranker, features, weight, chosen_on
         self.batch_size = llm_ranker.batch_size
         self._failed = 0  # users whose LLM scores failed here (the trees' order stood)
-
-    # the LLM ranker's parts, reached through the fused ranker (swapping ``llm`` swaps the inner one's)
-    @property
-    def llm(self) -> Any:
-        return self.llm_ranker.llm
-
-    @llm.setter
-    def llm(self, value: Any) -> None:
-        self.llm_ranker.llm = value
+        self._lock = threading.Lock()  # the counter only: per-call notes travel in each RankResult
 
     @property
     def failed_users(self) -> int:
         return int(self.llm_ranker.failed_users) + self._failed
 
+    def components_at(self, weight: float) -> tuple[str, ...]:
+        return (TREES, LLM) if weight else (TREES,)
+
     @property
-    def builder(self) -> Any:
-        return self.llm_ranker.builder
+    def components(self) -> tuple[str, ...]:
+        return self.components_at(self.weight)
 
-    def verbalizer_logprobs(self, histories: Sequence[np.ndarray], profiles: Sequence[str | None],
-                            candidates: np.ndarray) -> np.ndarray:
-        return self.llm_ranker.verbalizer_logprobs(histories, profiles, candidates)
+    @property
+    def label(self) -> str:
+        return label(self.components, "" if self.weight else unused_reason(self.weight, self.chosen_on))
 
-    def score_candidates(self, histories: Sequence[np.ndarray], profiles: Sequence[str | None],
-                         candidates: np.ndarray, scores: np.ndarray | None = None, weight: float | None = None,
-                         users: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(fused scores (B, K) in candidate order, LLM log-probs (NaN where it failed), failed (B,))."""
+    def rank(self, histories: Sequence[np.ndarray], profiles: Sequence[str | None], candidates: np.ndarray,
+             scores: np.ndarray | None = None, users: np.ndarray | None = None, *, weight: float | None = None,
+             ) -> RankResult:
+        """The trees' scores + ``weight`` x the LLM's log-softmax; a row whose LLM scores fail keeps the trees'
+        order (with ``allow_fallback`` for a backend failure; without it the error stops the call)."""
+        t0 = time.perf_counter()
         w = self.weight if weight is None else weight
         s = np.zeros(candidates.shape, np.float32) if scores is None else scores
         trees = self.features.scores(list(histories), candidates, s, users)
-        self._notes: list[str] = []
-        lp = np.zeros(candidates.shape, np.float32)
+        notes: list[str] = []
+        lp = np.full(candidates.shape, np.nan, np.float32)  # not asked (weight 0)
         failed = np.zeros(len(histories), bool)
         if w:
             try:
                 lp = self.llm_ranker.verbalizer_logprobs(histories, profiles, candidates)
-            except Exception as e:
-                if not getattr(self.llm_ranker, "allow_fallback", True):
+            except (LLMUnavailable, LLMRequestFailed) as e:
+                if not self.llm_ranker.allow_fallback:
                     raise
                 log.warning("LLM ranking failed (%s: %s); keeping the feature ranker's order", type(e).__name__, e)
-                self._notes.append(f"LLM failed: {type(e).__name__}: {e}")
-                lp = np.full(candidates.shape, np.nan, np.float32)
+                notes.append(f"LLM failed: {type(e).__name__}: {e}: the trees' order stands (--allow-fallback)")
             failed = ~np.isfinite(lp).all(axis=1)
-            self._failed += int(failed.sum())
+            if failed.any():
+                with self._lock:
+                    self._failed += int(failed.sum())
+                if not notes:
+                    notes.append(f"the LLM gave no usable scores for {int(failed.sum())} of {len(failed)} users: "
+                                 "the trees' order stands")
         fused = fuse_with_features(trees, np.where(np.isfinite(lp), lp, 0.0), w)
         fused[failed] = break_ties(trees)[failed]
-        return fused, lp, failed
-
-    def rank(self, histories: Sequence[np.ndarray], profiles: Sequence[str | None], candidates: np.ndarray,
-             scores: np.ndarray | None = None, weight: float | None = None, users: np.ndarray | None = None,
-             ) -> RankResult:
-        t0 = time.perf_counter()
-        fused, lp, failed = self.score_candidates(histories, profiles, candidates, scores, weight, users)
         order, ordered = order_by(fused, candidates)
-        return RankResult(order, ordered, lp, failed, time.perf_counter() - t0, list(self._notes))
+        return RankResult(order, ordered, lp, failed, time.perf_counter() - t0, notes, candidate_scores=fused,
+                          components=self.components_at(w), fallback=(TREES,))
 
 
-def held_out_table(llm_ranker: Ranker, features: FeatureRanker, vs: Any) -> dict[str, Any]:
+def held_out_table(llm_ranker: LLMRanker, features: FeatureRanker, vs: Any) -> dict[str, Any]:
     """On a validation set (held-out users): LLM log-probs, tree scores, and the chosen fusion weight."""
     lp = llm_ranker.verbalizer_logprobs(vs.histories, vs.profiles, vs.candidates)
     trees = features.scores(list(vs.histories), vs.candidates, vs.scores, vs.users)

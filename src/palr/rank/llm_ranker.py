@@ -22,15 +22,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from palr.core.errors import LLMUnavailable, PalrError, RunError
+from palr.core.errors import LLMRequestFailed, LLMUnavailable, PalrError, RunError
 from palr.core.metrics import ndcg
 from palr.llm.mini import item_token_ids
 from palr.llm.prompts import (  # PromptBuilder re-exported: prompts.py owns both styles
@@ -38,6 +39,7 @@ from palr.llm.prompts import (  # PromptBuilder re-exported: prompts.py owns bot
     item_token,
 )
 from palr.llm.protocol import candidate_labels, single_token_labels
+from palr.rank.protocol import LLM, RankResult, label, unused_reason
 from palr.rank.trie import CandidateTrie
 
 log = logging.getLogger(__name__)
@@ -97,20 +99,6 @@ class RankingConfig:
         return f"hf:{run / self.llm_dir}", {"chat": "off"}
 
 
-# ---------------------------------------------------------------------------- results
-@dataclass
-class RankResult:
-    """Per user: candidates reordered best first, fused scores, raw LLM log-probs, failure flags."""
-
-    order: np.ndarray  # (B, K) item indices, best first
-    scores: np.ndarray  # (B, K) fused scores aligned with order
-    llm_logprobs: np.ndarray  # (B, K) aligned with the *input* candidates (nan where the LLM failed)
-    failed: np.ndarray  # (B,) bool: the retriever's order stands
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
-    invalid_generations: int = 0
-
-
 def retriever_prior(shape: tuple[int, int], scores: np.ndarray | None = None, kind: str = "rank") -> np.ndarray:
     """(B, K) the retriever's log-prior over its candidates (retriever order, best first)."""
     if kind == "score" and scores is not None:
@@ -150,22 +138,51 @@ def positional_ranks(fused: np.ndarray, candidates: np.ndarray, targets: np.ndar
 
 
 # ---------------------------------------------------------------------------- the ranker
-class Ranker:
-    """Ranks candidate lists with an LLM; ``weight`` fuses it with the retriever (see module doc)."""
+class LLMRanker:
+    """Ranks candidate lists with an LLM; ``weight`` fuses it with the retriever (see module doc). Implements
+    :class:`palr.rank.protocol.Ranker`; ``weight = inf`` is the retriever's order, and the LLM is not asked.
+
+    ``retriever``: the retriever's name, for labels; ``chosen_on``: where ``weight`` was chosen (labels)."""
 
     def __init__(self, llm: Any, builder: PromptBuilder, mode: Mode = "verbalizer", weight: float = 0.0,
                  batch_size: int = 32, n_generate: int = 10, fusion: str = "rank",
-                 allow_fallback: bool = True) -> None:
+                 allow_fallback: bool = False, retriever: str = "retriever", chosen_on: str = "") -> None:
         self.llm, self.builder, self.mode, self.weight, self.fusion = llm, builder, mode, weight, fusion
         self.batch_size, self.n_generate = batch_size, n_generate
-        self.allow_fallback = allow_fallback  # False: an unreachable LLM stops the command (LLMUnavailable)
-        self.failed_users = 0  # users for whom the retriever's order stood, since this ranker was built
+        self.allow_fallback = allow_fallback  # False: an LLM failure stops the command (LLMUnavailable, ...)
+        self.retriever, self.chosen_on = retriever, chosen_on
+        self._failed_users = 0  # users for whom the retriever's order stood, since this ranker was built
+        self._lock = threading.Lock()  # the counter only: threads share a ranker, each call keeps its own notes
         self._item_ids: np.ndarray | None = None
         self._labels: list[str] | None = None
         if mode == "generative" and getattr(llm, "tokenizer", None) is None:
 
             raise PalrError(f"generative ranking needs a local model (hf:/mini:); {getattr(llm, 'name', 'this LLM')} "
                             "has no tokenizer here: use the verbalizer mode")
+
+    # -- the protocol's declarations
+    @property
+    def llm_ranker(self) -> LLMRanker:
+        return self
+
+    @property
+    def failed_users(self) -> int:
+        return self._failed_users
+
+    def components_at(self, weight: float) -> tuple[str, ...]:
+        """What the order consults at ``weight``: the LLM, the retriever's prior, or both."""
+        if math.isinf(weight):
+            return (f"{self.retriever} order",)
+        return (LLM,) if weight == 0 else (LLM, f"{self.retriever} {self.fusion}")
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return self.components_at(self.weight)
+
+    @property
+    def label(self) -> str:
+        unused = unused_reason(self.weight, self.chosen_on) if math.isinf(self.weight) else ""
+        return label(self.components, unused)
 
     # -- verbalizer
     def _item_token_ids(self) -> np.ndarray:
@@ -239,43 +256,50 @@ class Ranker:
 
     # -- both
     def rank(self, histories: Sequence[np.ndarray], profiles: Sequence[str | None], candidates: np.ndarray,
-             scores: np.ndarray | None = None, weight: float | None = None, users: np.ndarray | None = None,
+             scores: np.ndarray | None = None, users: np.ndarray | None = None, *, weight: float | None = None,
              ) -> RankResult:
         """Rank each row of ``candidates`` (retriever order, best first; ``scores`` = the retriever's);
-        ``users`` (data set rows, unused here) is part of the rankers' shared contract."""
+        ``users`` (data set rows, unused here) is part of the rankers' shared contract.
+
+        A failure of the LLM backend (:class:`LLMUnavailable`, :class:`LLMRequestFailed`) keeps the retriever's
+        order for the batch when ``allow_fallback``, and stops otherwise; any other exception is a bug and
+        propagates."""
         w = self.weight if weight is None else weight
         t0 = time.perf_counter()
-        failed = np.zeros(len(histories), dtype=bool)
         notes: list[str] = []
         invalid = 0
-        try:
-            if self.mode == "verbalizer":
-                lp = self.verbalizer_logprobs(histories, profiles, candidates)
-            else:
-                lp, invalid = self.generate_orders(histories, profiles, candidates)
-            bad = ~np.isfinite(lp).any(axis=1) if self.mode == "verbalizer" else np.zeros(len(lp), bool)
-        except LLMUnavailable:
-            if not self.allow_fallback:
-                raise
-            lp, bad = self._failed(candidates, notes, "LLM unreachable")
-        except Exception as e:  # noqa: BLE001 - any LLM failure for this batch: the retriever's order stands
-            log.warning("LLM ranking failed (%s: %s); keeping the retriever's order", type(e).__name__, e)
-            notes.append(f"LLM failed: {type(e).__name__}: {e}")
-            lp = np.full(candidates.shape, np.nan, dtype=np.float32)
-            bad = np.ones(len(histories), dtype=bool)
-        failed |= bad
-        self.failed_users += int(failed.sum())
-        if failed.any() and not notes:
-            notes.append(f"the LLM gave no usable scores for {int(failed.sum())} of {len(failed)} users")
-        fused = fuse(floor_missing(lp), w, scores, self.fusion)
-        fused[failed] = retriever_prior(candidates.shape, scores, self.fusion)[failed]
-        order, scores = order_by(fused, candidates)
-        return RankResult(order, scores, lp, failed, time.perf_counter() - t0, notes, invalid)
+        nan = np.full(candidates.shape, np.nan, dtype=np.float32)
+        if math.isinf(w):  # the retriever's order: the LLM would not count
+            lp, failed = nan, np.zeros(len(candidates), dtype=bool)
+        else:
+            try:
+                if self.mode == "verbalizer":
+                    lp = self.verbalizer_logprobs(histories, profiles, candidates)
+                else:
+                    lp, invalid = self.generate_orders(histories, profiles, candidates)
+                failed = ~np.isfinite(lp).any(axis=1)
+            except (LLMUnavailable, LLMRequestFailed) as e:
+                if not self.allow_fallback:
+                    raise
+                log.warning("LLM ranking failed (%s: %s); keeping the retriever's order", type(e).__name__, e)
+                why = "LLM unreachable" if isinstance(e, LLMUnavailable) else f"LLM failed: {e}"
+                notes.append(f"{why}: the retriever's order stands (--allow-fallback)")
+                lp, failed = nan, np.ones(len(candidates), dtype=bool)
+        if failed.any():
+            with self._lock:
+                self._failed_users += int(failed.sum())
+            if not notes:
+                notes.append(f"the LLM gave no usable scores for {int(failed.sum())} of {len(failed)} users")
+        prior = retriever_prior(candidates.shape, scores, self.fusion)
+        fused = prior if math.isinf(w) else fuse(floor_missing(lp), w, scores, self.fusion)
+        fused[failed] = prior[failed]
+        order, ordered = order_by(fused, candidates)
+        return RankResult(order, ordered, lp, failed, time.perf_counter() - t0, notes, invalid,
+                          candidate_scores=fused, components=self.components_at(w),
+                          fallback=(f"{self.retriever} order",))
 
-    @staticmethod
-    def _failed(candidates: np.ndarray, notes: list[str], why: str) -> tuple[np.ndarray, np.ndarray]:
-        notes.append(f"{why}: the retriever's order stands (--allow-fallback)")
-        return np.full(candidates.shape, np.nan, dtype=np.float32), np.ones(len(candidates), dtype=bool)
+
+Ranker = LLMRanker  # the name it had before the Ranker protocol (palr.rank.protocol)
 
 
 def floor_missing(lp: np.ndarray, gap: float = 30.0) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,12 @@ from palr.core.errors import InputError, PalrError, UnknownUserError
 from palr.core.topk import top_k
 from palr.data import Split, load_split
 from palr.data.titles import match_titles
-from palr.llm.registry import load_llm
 from palr.rank.explain import explain_items, explain_popular
 from palr.rank.explain import llm_explanations as written
-from palr.rank.fusion import FusedRanker
-from palr.rank.llm_ranker import PromptBuilder, Ranker, RankingConfig
+from palr.rank.factory import RankOptions, build_ranker
+from palr.rank.llm_ranker import RankingConfig
 from palr.rank.profiles import AttributeProfiler, HistoryProfiles, ProfileCache, make_profiler
-from palr.rank.trees import FeatureRanker
+from palr.rank.protocol import Ranker
 from palr.retrieval.base import load_retriever
 from palr.retrieval.load import load_run
 from palr.runs.store import check_dataset, read_run, run_data_spec
@@ -40,9 +39,6 @@ MAX_HISTORY = 2000  # item ids in a given history
 
 
 MAX_ITEM_ID = 128  # characters of an item id
-
-
-MODES = ("verbalizer", "generative")
 
 
 def short(text: str, n: int = 40) -> str:
@@ -64,6 +60,11 @@ class Recommendation:
                 "llm": self.llm, "matches": self.matches}
 
 
+def _retriever_name(cfg: dict[str, Any]) -> str:
+    r = cfg["config"]["retriever"]
+    return str(r["retriever"] if isinstance(r, dict) else r)
+
+
 def _run_kind(run: Path) -> str:
     import json
 
@@ -80,7 +81,7 @@ class PALR:
     :class:`palr.ranking.RankingConfig`.
     """
 
-    def __init__(self, run: Path, config: dict[str, Any], split: Split, retriever: Any, ranker: Any,
+    def __init__(self, run: Path, config: dict[str, Any], split: Split, retriever: Any, ranker: Ranker,
                  ranking: dict[str, Any], profiles: Any = None) -> None:
         self.run, self.config, self.split, self.retriever, self.ranker, self.ranking = run, config, split, retriever, ranker, ranking
         if profiles is None:
@@ -90,15 +91,15 @@ class PALR:
         self.profiles = profiles
 
     @classmethod
-    def load(cls, run: str | Path, data_dir: str | Path | None = None, mode: str | None = None,
-             device: str = "auto", *, llm: str | None = None, allow_fallback: bool = True,
-             profiler: str | None = None, n_candidates: int | None = None, weight: float | None = None,
-             profile_cache: str | Path | None = None, features: bool = True) -> PALR:
-        """Load a PALR run, or a retriever run with ``llm`` (zero-shot). ``allow_fallback=False``: an unreachable
-        LLM stops every call with :class:`palr.core.errors.LLMUnavailable` instead of keeping the retriever's order."""
+    def load(cls, run: str | Path, data_dir: str | Path | None = None, options: RankOptions | None = None,
+             **overrides: Any) -> PALR:
+        """Load a PALR run, or a retriever run with ``llm`` (zero-shot). ``options`` (or its fields as keywords:
+        ``llm``, ``mode``, ``allow_fallback``, ...; see :class:`palr.rank.factory.RankOptions`) adjust how it ranks;
+        the ranker itself comes from :func:`palr.rank.factory.build_ranker`. ``allow_fallback=False`` (the
+        default): an LLM failure stops every call with :class:`palr.core.errors.LLMUnavailable` (or
+        :class:`palr.core.errors.LLMRequestFailed`) instead of keeping the fallback order."""
 
-        if mode is not None and mode not in MODES:
-            raise InputError(f"unknown ranking mode {short(mode)!r}: choose {' or '.join(MODES)}")
+        opts = replace(options, **overrides) if options is not None else RankOptions(**overrides)
         run = Path(run)
         kind = _run_kind(run)
         if kind == "palr":
@@ -106,46 +107,37 @@ class PALR:
             split = load_split(run_data_spec(cfg, data_dir))
             check_dataset(cfg, split.dataset, run)
             raw = json.loads((run / "ranking.json").read_text())
-            rc = RankingConfig.from_dict(raw)
             retriever = load_retriever(run / "retriever")
-            if raw.get("ranker") == "features":  # the feature re-ranker: no LLM, no profiles
-
-                return cls(run, cfg, split, retriever, FeatureRanker.load(run / raw["ranker_dir"]), raw)
-            if llm:
-                raw = {**raw, "llm": llm}
         elif kind == "retriever":
-            if not llm:
+            if not opts.llm:
                 raise PalrError(f"{run} is a retriever run: give --llm SPEC to rank its candidates with an LLM "
                                 "(zero-shot), or use a PALR run (palr finetune)")
 
             cfg, retriever, split = load_run(run, data_dir)
-            rc = RankingConfig(style="text", n_candidates=20, llm=llm)
-            raw = {**asdict(rc), "zero_shot": True}
+            raw = {**asdict(RankingConfig(style="text", n_candidates=20)), "zero_shot": True}
         else:
             raise PalrError(f"{run} is a {kind!r} run; recommend/evaluate/serve need a PALR or retriever run")
-        if n_candidates:
-            raw["n_candidates"] = rc.n_candidates = int(n_candidates)
-        if weight is not None:
-            raw["weight"] = rc.weight = float(weight)
-        if profiler:
-            raw["profiler"] = rc.profiler = profiler
-        spec, options = (llm, {}) if llm else rc.llm_spec(run)
-        if spec.split(":", 1)[0] in ("hf", "mini") or Path(spec).exists():
-            options = {"device": device, **options}
-        model = load_llm(spec, **options)
-        builder = PromptBuilder(split.dataset.catalog, rc.style, rc.history_len)  # type: ignore[arg-type]
-        ranker: Any = Ranker(model, builder, mode=mode or rc.mode, weight=rc.weight,  # type: ignore[arg-type]
-                             batch_size=64 if rc.style == "tokens" else 8, fusion=rc.fusion,
-                             allow_fallback=allow_fallback)
-        if raw.get("features") and features and not llm and ranker.mode == "verbalizer":
-
-            ranker = FusedRanker(ranker, FeatureRanker.load(run / raw["features"]["dir"]), float(raw["features"]["weight"]))
+        if opts.llm:
+            raw["llm"] = opts.llm
+        if opts.n_candidates:
+            raw["n_candidates"] = int(opts.n_candidates)
+        if opts.weight is not None:
+            raw["weight"] = float(opts.weight)
+        if opts.profiler:
+            raw["profiler"] = opts.profiler
+        ranker = build_ranker(run, raw, split.dataset.catalog, options=opts, retriever=_retriever_name(cfg))
+        raw["ranked_by"] = ranker.label
+        if ranker.llm_ranker is None:  # the feature trees alone: no LLM, no LLM profiles
+            return cls(run, cfg, split, retriever, ranker, raw)
+        model = ranker.llm_ranker.llm
+        profile_cache = opts.profile_cache
         if profile_cache is None and kind == "palr" and (run / "profiles.sqlite").is_file():
             profile_cache = run / "profiles.sqlite"  # the very profiles fine-tuning read
         cache = ProfileCache(profile_cache) if profile_cache else None
-        prof = make_profiler(spec=rc.profiler, ranking_llm=model, allow_fallback=allow_fallback)
+        rc = RankingConfig.from_dict(raw)
+        prof = make_profiler(spec=rc.profiler, ranking_llm=model, allow_fallback=opts.allow_fallback)
         profiles = HistoryProfiles(split.dataset.name, split.dataset.catalog, prof, cache, enabled=rc.profiles)
-        raw["llm_name"] = getattr(model, "name", spec)
+        raw["llm_name"] = getattr(model, "name", rc.llm_spec(run)[0])
         return cls(run, cfg, split, retriever, ranker, raw, profiles)
 
     # -------------------------------------------------------------------- helpers
@@ -155,8 +147,7 @@ class PALR:
 
     @property
     def retriever_name(self) -> str:
-        r = self.config["config"]["retriever"]
-        return str(r["retriever"] if isinstance(r, dict) else r)
+        return _retriever_name(self.config)
 
     def profile_text(self, history: Sequence[int]) -> str | None:
         return self.profiles(history)
@@ -165,14 +156,16 @@ class PALR:
         return top_k(self.retriever.score(list(histories)), histories, self.ranking["n_candidates"])
 
     def llm_counts(self) -> dict[str, Any]:
-        """LLM failures and fallbacks so far (ranking and profiles), for results and responses."""
-        llm = self.ranker.llm
-        return {"name": self.ranking.get("llm_name", getattr(llm, "name", "")),
+        """What ranks (``ranker``: the ranker's label) and the LLM's failures and fallbacks so far (ranking and
+        profiles), for results and responses."""
+        inner = self.ranker.llm_ranker
+        llm = inner.llm if inner is not None else None
+        return {"name": self.ranking.get("llm_name", getattr(llm, "name", "")), "ranker": self.ranker.label,
                 "ranking_fallback_users": int(self.ranker.failed_users),
                 "request_failures": int(getattr(llm, "failures", 0)),
                 "profiler": self.profiles.name, "llm_profiles": self.profiles.llm_profiles,
                 "profile_fallbacks": self.profiles.fallbacks,
-                "scoring": getattr(llm, "last_scoring", "logprobs")}
+                "scoring": getattr(llm, "last_scoring", "logprobs") if llm is not None else None}
 
     def resolve_history(self, user: str | None, history: Sequence[str] | None,
                         history_titles: Sequence[str] | None = None) -> tuple[np.ndarray, list[str], list[Any]]:
@@ -253,39 +246,42 @@ class PALR:
                 if explain:
                     it.update(explanation=explain_popular(int(counts[i]), len(self.split.train)).text, because=[])
                 items.append(it)
-            return Recommendation(user, "no history", items, notes, {**self.llm_counts(), "ranked_by": "popularity"},
-                                  match_docs)
+            return Recommendation(user, "no history", items, notes, {**self.llm_counts(), "ranked_by": "popularity",
+                                                                      "consulted": ["popularity"]}, match_docs)
         left = self.split.n_items - len(np.unique(hist))
         if left < self.ranking["n_candidates"]:
             notes.append(f"the history covers {self.split.n_items - left:,} of the {self.split.n_items:,} items: "
                          f"{left:,} unseen item(s) left to rank")
         if left == 0:
-            return Recommendation(user, self.profile_text(hist) or "", [], notes, self.llm_counts(), match_docs)
+            return Recommendation(user, self.profile_text(hist) or "", [], notes,
+                                  {**self.llm_counts(), "ranked_by": "nothing to rank", "consulted": []}, match_docs)
         cands, cscores = top_k(self.retriever.score([hist]), [hist], min(self.ranking["n_candidates"], left))
         profile = self.profile_text(hist)
         u = np.array([self.split.dataset.user_index(user)]) if user is not None and history is None else None
         res = self.ranker.rank([hist], [profile], cands, cscores, users=u)
         if res.failed[0]:
-            notes.append("the LLM failed for this user: the retriever's order stands")
+            notes.append(f"the LLM failed for this user: ranked by {res.ranked_by(0)}")
         notes += res.notes
-        ranked_by = "retriever (LLM failed)" if res.failed[0] else "llm"
         retr_rank = {int(c): r + 1 for r, c in enumerate(cands[0])}
         items = [self._item(int(i), float(s), retr_rank[int(i)]) for i, s in zip(res.order[0][:k], res.scores[0][:k])]
         if explain:
             idx = [self.catalog.index_of(x["item"]) for x in items]
             expl = explain_items(self.catalog, hist, idx, getattr(self.retriever, "item_vectors", None))
             sources = ["template"] * len(expl)
+            inner = self.ranker.llm_ranker
             if llm_explanations:
-                if self.ranker.builder.style != "text":
+                if inner is None:
+                    notes.append("LLM explanations need an LLM (this run ranks without one): templates")
+                elif inner.builder.style != "text":
                     notes.append("LLM explanations need a text LLM (this run's model reads item tokens): templates")
                 else:
 
-                    expl, sources = (list(x) for x in zip(*written(self.ranker.llm, self.catalog, idx, expl)))
+                    expl, sources = (list(x) for x in zip(*written(inner.llm, self.catalog, idx, expl)))
             for it, e, src in zip(items, expl, sources):
                 d = e.to_dict(self.catalog)
                 it.update(explanation=d["text"], because=d["because"], explanation_source=src)
-        return Recommendation(user, profile or "", items, notes, {**self.llm_counts(), "ranked_by": ranked_by},
-                              match_docs)
+        return Recommendation(user, profile or "", items, notes, {**self.llm_counts(), "ranked_by": res.ranked_by(0),
+                                                                  "consulted": res.consulted(0)}, match_docs)
 
     # -------------------------------------------------------------------- catalogue
     @property

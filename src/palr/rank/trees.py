@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from palr.core.errors import PalrError
 from palr.core.metrics import ndcg
 from palr.data.dataset import Split
 from palr.rank.features import CandidateFeatures
-from palr.rank.llm_ranker import RankResult, order_by, positional_ranks
+from palr.rank.llm_ranker import order_by, positional_ranks
+from palr.rank.protocol import TREES, RankResult
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +100,15 @@ def break_ties(pred: np.ndarray) -> np.ndarray:
 
 
 class FeatureRanker:
-    """Scores candidate lists with the fitted trees; same ``rank`` contract as :class:`palr.ranking.Ranker`."""
+    """Scores candidate lists with the fitted trees; implements :class:`palr.rank.protocol.Ranker` (no LLM)."""
 
     mode = "features"
     fusion = "trees"  # no LLM: the trees' score orders the candidates (``weight`` is not used)
     weight = 0.0
-    llm = None
+    llm_ranker = None
     failed_users = 0
+    components = (TREES,)
+    label = TREES
 
     def __init__(self, features: CandidateFeatures, booster: Any, batch_size: int = 512) -> None:
         self.features, self.booster, self.batch_size = features, booster, batch_size
@@ -120,22 +124,17 @@ class FeatureRanker:
             X = np.concatenate([X, extra.astype(np.float32)], axis=2)
         return self.predict(X)
 
-    def score_candidates(self, histories: list[np.ndarray], profiles: Any, candidates: np.ndarray,
-                         scores: np.ndarray | None = None, users: np.ndarray | None = None,
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(scores (B, K) in candidate order, LLM log-probs: NaN, failed: none)."""
+    def rank(self, histories: Sequence[np.ndarray], profiles: Any, candidates: np.ndarray,
+             scores: np.ndarray | None = None, users: np.ndarray | None = None, *, weight: float | None = None,
+             ) -> RankResult:
+        """The trees' order (ties in the retriever's order); ``weight`` is not used (no LLM)."""
+        t0 = time.perf_counter()
         s = np.zeros(candidates.shape, np.float32) if scores is None else scores
         fused = break_ties(self.scores(list(histories), candidates, s, users))
-        return fused, np.full(candidates.shape, np.nan, np.float32), np.zeros(len(histories), bool)
-
-    def rank(self, histories: list[np.ndarray], profiles: Any, candidates: np.ndarray,
-             scores: np.ndarray | None = None, weight: float | None = None, users: np.ndarray | None = None,
-             ) -> RankResult:
-        t0 = time.perf_counter()
-        fused, _, _ = self.score_candidates(histories, profiles, candidates, scores, users)
         order, ordered = order_by(fused, candidates)
         return RankResult(order, ordered, np.full(candidates.shape, np.nan, np.float32),
-                          np.zeros(len(histories), bool), time.perf_counter() - t0)
+                          np.zeros(len(histories), bool), time.perf_counter() - t0, candidate_scores=fused,
+                          components=self.components, fallback=self.components)
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)

@@ -57,8 +57,10 @@ class RecommendResponse(BaseModel):
     profile: str = Field(description="The user's profile (PALR step 1).")
     items: list[RecommendedItem]
     notes: list[str] = Field(description="Anything the caller should know: ignored ids, fallbacks.")
-    llm: dict[str, Any] = Field(default_factory=dict, description="Who ranked (llm, retriever fallback, "
-                                "popularity), the LLM, its failures and fallbacks so far.")
+    llm: dict[str, Any] = Field(default_factory=dict, description="What ranked: 'ranked_by' (what ordered these "
+                                "items, e.g. 'trees + LLM', 'sasrec order (LLM failed)', 'popularity'), 'consulted' "
+                                "(the same as a list), 'ranker' (the run's ranker, saying when its LLM goes unused); "
+                                "the LLM, its failures and fallbacks so far.")
     matches: list[dict[str, Any]] = Field(default_factory=list, description="history_titles: what each matched.")
 
 

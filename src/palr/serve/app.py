@@ -101,7 +101,7 @@ def _clean_errors(errors: Any) -> list[dict[str, Any]]:
 
 
 def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
-               config: ServiceConfig | None = None, llm: "str | None" = None, allow_fallback: bool = True) -> Any:
+               config: ServiceConfig | None = None, llm: "str | None" = None, allow_fallback: bool = False) -> Any:
     """A FastAPI app serving one PALR run (``run`` may also be an already loaded ``PALR``); ``llm`` ranks with
     another model (zero-shot over a retriever run)."""
     from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -214,7 +214,7 @@ def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
 
 
 def serve(run: "str | Path", config: ServiceConfig | None = None, data_dir: "str | Path | None" = None,
-          llm: "str | None" = None, allow_fallback: bool = True) -> None:
+          llm: "str | None" = None, allow_fallback: bool = False) -> None:
     """Run the service in the foreground (``palr serve``); the token falls back to $PALR_TOKEN."""
     import uvicorn
 

@@ -1,0 +1,87 @@
+"""One factory: a run's ``ranking.json`` (plus the caller's options) -> its :class:`palr.rank.protocol.Ranker`.
+
+``ranking.json`` says which ranker a run ranks with, and nothing else decides it:
+
+* ``"ranker": "features"``: the feature trees alone (``ranker_dir``); no LLM.
+* otherwise the LLM ranker over the run's (or the given) LLM, ``weight``/``fusion`` fusing the retriever's prior;
+* and with ``"features": {"dir", "weight"}`` (a fine-tuned run whose trees + LLM beat LLM + retriever on the
+  held-out users) the trees + ``weight`` x LLM, unless another LLM replaces the run's own (``--llm``), the ranking
+  is generative, or ``features=False``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from palr.core.errors import InputError
+from palr.llm.prompts import PromptBuilder
+from palr.llm.registry import load_llm
+from palr.rank.fusion import FusedRanker
+from palr.rank.llm_ranker import LLMRanker, RankingConfig
+from palr.rank.protocol import Ranker
+from palr.rank.trees import FeatureRanker
+
+MODES = ("verbalizer", "generative")
+
+
+@dataclass
+class RankOptions:
+    """How a loaded run ranks, beyond its ``ranking.json`` (the command line's and the service's options).
+
+    ``llm``: another LLM spec (zero-shot over a retriever run, or replacing a PALR run's model);
+    ``allow_fallback``: an LLM backend failure keeps the fallback order instead of stopping;
+    ``mode``/``n_candidates``/``weight``/``profiler``: override the run's; ``profile_cache``: an SQLite cache;
+    ``features=False``: a fine-tuned run's LLM ranker without its trees."""
+
+    mode: str | None = None
+    device: str = "auto"
+    llm: str | None = None
+    allow_fallback: bool = False
+    profiler: str | None = None
+    n_candidates: int | None = None
+    weight: float | None = None
+    profile_cache: str | Path | None = None
+    features: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in MODES:
+            shown = self.mode if len(self.mode) <= 40 else self.mode[:40] + "..."
+            raise InputError(f"unknown ranking mode {shown!r}: choose {' or '.join(MODES)}")
+
+
+def load_ranking_llm(run: Path, rc: RankingConfig, device: str = "auto") -> tuple[Any, str]:
+    """(the LLM the ranking config names, its spec)."""
+    spec, options = rc.llm_spec(run)
+    if spec.split(":", 1)[0] in ("hf", "mini") or Path(spec).exists():
+        options = {"device": device, **options}
+    return load_llm(spec, **options), spec
+
+
+def build_ranker(run: str | Path, ranking: dict[str, Any], catalog: Any, *, options: RankOptions | None = None,
+                 llm: Any = None, retriever: str = "retriever") -> Ranker:
+    """The ranker ``ranking`` (a run's ``ranking.json``, overrides applied) describes.
+
+    ``llm``: an LLM already loaded (else the one the ranking names is loaded here); ``catalog``: the data set's
+    catalogue (prompts); ``retriever``: the retriever's name (labels)."""
+    run, opts = Path(run), options or RankOptions()
+    if ranking.get("ranker") == "features":  # the feature re-ranker: no LLM, no profiles
+        return FeatureRanker.load(run / ranking["ranker_dir"])
+    rc = RankingConfig.from_dict(ranking)
+    if llm is None:
+        llm, _ = load_ranking_llm(run, rc, opts.device)
+    builder = PromptBuilder(catalog, rc.style, rc.history_len)  # type: ignore[arg-type]
+    # a weight from the run was chosen on validation users (zero-shot: chosen later, by the evaluation)
+    chosen_on = "" if opts.weight is not None or ranking.get("zero_shot") else "validation users"
+    ranker = LLMRanker(llm, builder, mode=opts.mode or rc.mode, weight=rc.weight,  # type: ignore[arg-type]
+                       batch_size=64 if rc.style == "tokens" else 8, fusion=rc.fusion,
+                       allow_fallback=opts.allow_fallback, retriever=retriever, chosen_on=chosen_on)
+    feats = ranking.get("features")
+    if feats and opts.features and not opts.llm and ranker.mode == "verbalizer":
+        return FusedRanker(ranker, FeatureRanker.load(run / feats["dir"]), float(feats["weight"]),
+                           chosen_on="held-out users")
+    return ranker
+
+
+__all__ = ["MODES", "RankOptions", "build_ranker", "load_ranking_llm"]
