@@ -13,8 +13,9 @@ Two modes:
 The LLM's scores may be fused with the retriever's: ``score = log_softmax(llm) + w * prior``, where the prior
 is ``-log(retriever_rank)`` (``fusion="rank"``, any retriever) or ``log_softmax(retriever_scores)`` over the
 candidates (``fusion="score"``); the kind and ``w`` are chosen on validation users (never test);
-``w = inf`` is the retriever alone. If the LLM fails
-for a user, the retriever's order stands and the result says so.
+``w = inf`` is the retriever alone (the LLM is not asked). If the LLM gives no usable scores for a user, or its
+backend fails (:class:`LLMUnavailable`, :class:`LLMRequestFailed`) and ``allow_fallback`` is on, the retriever's
+order stands and the result says so; any other exception is a bug and propagates.
 """
 
 from __future__ import annotations

@@ -76,6 +76,8 @@ def model_card(run: str | Path) -> str:
     lines += [""]
     if test:
         lines += ["Test (full ranking, leave-one-out; for PALR a target the retriever missed counts as a miss):", ""]
+        if test.get("protocol", {}).get("ranked_by"):
+            lines += [f"PALR ranked by: {test['protocol']['ranked_by']}.", ""]
         lines += _table({name: _scalars(r.get("test", {})) for name, r in test["results"].items()})
         for entry in (test.get("comparisons") or {}).values():
             lines += ["", (f"{entry['model']} against {entry['baseline']} on the same users (paired bootstrap 95% CIs, "
