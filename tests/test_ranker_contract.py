@@ -324,3 +324,21 @@ def test_a_run_whose_llm_is_unused_says_so_everywhere(tiny_ml100k_run: dict[str,
         body = client.post("/recommend", json={"user": user, "k": 3}).json()
     assert body["llm"]["ranked_by"] == TREES and body["llm"]["consulted"] == [TREES]
     assert body["llm"]["ranker"] == unused
+
+
+def test_labels_list_only_what_orders_the_lists(trees, synth_split: Split) -> None:
+    builder = PromptBuilder(synth_split.dataset.catalog, "text")
+    assert LLMRanker(None, builder, weight=0.0, retriever="sasrec").label == "LLM"
+    assert LLMRanker(None, builder, weight=0.5, retriever="sasrec").label == "LLM + sasrec rank"
+    assert LLMRanker(None, builder, weight=0.5, fusion="score", retriever="sasrec").components == (LLM, "sasrec score")
+    inf = LLMRanker(None, builder, weight=float("inf"), retriever="sasrec", chosen_on="validation users")
+    assert inf.label == "sasrec order (LLM unused: weight inf on validation users)" and LLM not in inf.components
+    x = make_inputs(synth_split.n_items)
+    r = inf.rank(x.histories, x.profiles, x.candidates, x.scores)  # the LLM (None here) is not asked
+    np.testing.assert_array_equal(r.order, x.candidates)
+    assert np.isnan(r.llm_logprobs).all() and r.ranked_by(0) == "sasrec order"
+    llm = LLMRanker(None, builder)
+    assert FusedRanker(llm, trees, 0.3).label == "trees + LLM"
+    assert FusedRanker(llm, trees, 0.0, chosen_on="held-out users").label == \
+        "trees (LLM unused: weight 0 on held-out users)"
+    assert trees.label == "trees" and trees.llm_ranker is None
