@@ -28,7 +28,6 @@ from palr.evaluate.plots import bucket_bars, metric_over_k, recall_ceiling, trai
 from palr.evaluate.retrievers import evaluate_retriever
 from palr.evaluate.stats import compare_metrics
 from palr.rank.pipeline import PALR
-from palr.rank.protocol import palr_label
 from palr.retrieval.load import load_run
 from palr.runs.store import read_run
 
@@ -53,7 +52,7 @@ class RunData:
     retriever_history: list[dict[str, Any]] = field(default_factory=list)
     full_retriever_ranks: np.ndarray | None = None  # the retriever's full ranking (for Recall@N beyond K)
     examples: list[dict[str, Any]] = field(default_factory=list)
-    ranked_by: str = ""  # what ordered PALR's lists ("PALR: trees + LLM"); empty for a retriever run
+    ranked_by: str = ""  # what ordered PALR's lists ("trees + LLM"); empty for a retriever run
 
     @property
     def label(self) -> str:
@@ -87,7 +86,7 @@ def load_run_data(run: str | Path, data_dir: str | Path | None = None, n_example
         return RunData(run, "palr", cfg, metrics, palr.split,
                        {f"{name} (retriever)": z["retriever"], "PALR (end to end)": z["palr"]}, z["users"],
                        int(palr.ranking["n_candidates"]), name, history, z["retriever"], examples,
-                       palr_label(palr.ranker))
+                       palr.ranker.label)
 
     rcfg, model, split = load_run(run, data_dir)
     name = rcfg["config"]["retriever"]
@@ -198,7 +197,7 @@ def run_section(rd: RunData, seed: int = 0) -> tuple[str, int]:
     names = list(rd.ranks)
     parts.append("<h3>Test metrics</h3>")
     if len(names) == 2:
-        new_name = f"{names[1]} = {rd.ranked_by}" if rd.ranked_by else names[1]
+        new_name = f"{names[1]}, ranked by {rd.ranked_by}" if rd.ranked_by else names[1]
         parts.append(comparison_table(rd.ranks[names[1]], rd.ranks[names[0]], new_name, names[0], seed))
         parts.append("<p class=note>Full ranking, leave-one-out; PALR end to end counts a target its retriever did "
                      "not return as a miss. Intervals: paired bootstrap over users (2,000 resamples); p: paired "
