@@ -13,7 +13,6 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,13 @@ from typing import Any
 import numpy as np
 
 from palr import __version__
-from palr.core.settings import DataSpec
-from palr.data.dataset import Dataset
 from palr.core.errors import RunError
-from palr.core.io import write_atomic, write_json
+from palr.core.io import write_json
 from palr.core.options import build
+from palr.core.settings import DataSpec
 from palr.data import as_spec
+from palr.data.dataset import Dataset
 from palr.runs.card import write_model_card
-
-
 
 RUN_FORMAT = 1
 
