@@ -288,6 +288,14 @@ def test_an_unreachable_llm_stops_a_default_load(tmp_path: Path) -> None:
     palr = PALR.load(run, llm="openai:m@http://127.0.0.1:9/v1?max_retries=0")
     with pytest.raises(LLMUnavailable):
         palr.recommend(user=palr.split.dataset.user_ids[0], k=3)
+    # no LLM to write the order of: --llm-predictions over a retriever run without --llm is refused
+    from typer.testing import CliRunner
+
+    from palr.cli.main import app
+    from palr.core.errors import PalrError
+
+    res = CliRunner().invoke(app, ["evaluate", "--run", str(run), "--llm-predictions", str(tmp_path / "l.jsonl")])
+    assert isinstance(res.exception, PalrError) and "--llm-predictions" in str(res.exception)
 
 
 # ---------------------------------------------------------------------------- labels: what ranked

@@ -151,6 +151,9 @@ def evaluate(cfg: C.EvaluateConfig) -> None:
             from palr.retrieval.load import load_run
             from palr.train.retriever import evaluate_models
 
+            if cfg.llm_predictions is not None:
+                raise PalrError(f"{cfg.run} is a retriever run: --llm-predictions needs --llm SPEC (or a PALR run)")
+
             rcfg, model, split = load_run(cfg.run, cfg.data.data_dir)
             doc = evaluate_models({rcfg["config"]["retriever"]: model}, split, out, predictions, cfg.candidates,
                                   cands_path, seed=cfg.seed, per_user=cfg.per_user)
