@@ -17,7 +17,7 @@ from palr.cli.main import app
 from palr.core.errors import PalrError
 from palr.core.metrics import per_user_metrics
 from palr.data import load_split
-from palr.evaluate.stats import compare_metrics
+from palr.evaluate.stats import compare_metrics, paired_bootstrap
 from palr.evaluate.tables import comparison_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,5 +169,19 @@ def test_seeds_report_mean_and_sd(tmp_path: Path) -> None:
 
 
 def test_compare_metrics_names_must_match() -> None:
+    # two models on the same 3 users, with different metric sets: only the names both have are compared,
+    # each one exactly as paired_bootstrap compares that metric alone (a compared with itself, as this
+    # test did before, gives zero differences whatever compare_metrics does)
     a = per_user_metrics(np.array([1, 2, 30]), ks=(10,))
-    assert set(compare_metrics(a, a)) == {"HR@10", "NDCG@10", "MRR@10"}
+    b = per_user_metrics(np.array([3, 1, 30]), ks=(5, 10))
+    got = compare_metrics(a, b)
+    assert set(got) == {"HR@10", "NDCG@10", "MRR@10"}
+    # MRR@10: a = (1, 1/2, 0), b = (1/3, 1, 0): means 1/2 and 4/9
+    assert got["MRR@10"].mean_a == pytest.approx(0.5) and got["MRR@10"].mean_b == pytest.approx(4 / 9)
+    for m in got:
+        assert got[m] == paired_bootstrap(a[m], b[m])
+    assert set(compare_metrics(a, b, ["NDCG@10"])) == {"NDCG@10"}
+    with pytest.raises(KeyError):
+        compare_metrics(a, b, ["HR@5"])  # a has no HR@5
+    with pytest.raises(ValueError, match="same users"):
+        compare_metrics(a, per_user_metrics(np.array([1, 2]), ks=(10,)))
