@@ -154,11 +154,17 @@ def test_synthetic_pipeline_explanations_are_true(synth_split: Split) -> None:
 
     cat = synth_split.dataset.catalog
     ret = make_retriever("sasrec", epochs=1, hidden=16, max_len=20).fit(synth_split.train, synth_split.n_items)
+    claiming = total = 0
     for u in range(0, 40, 4):
         hist = synth_split.train[u].tolist()
         recs = [i for i in np.argsort(-ret.score([synth_split.train[u]])[0]) if i not in hist][:5]
         for i, e in zip(recs, explain_items(cat, hist, recs, ret.item_vectors)):
             check_true(cat, int(i), hist, e)
+            claiming += bool(e.because)
+            total += 1
+    # explanations that claim nothing pass check_true trivially: most of these must claim something
+    # (with the retriever's embeddings all 50 do today)
+    assert total == 50 and claiming >= total // 2, (claiming, total)
 
 
 # ---------------------------------------------------------------------------- catalogue text is data
@@ -201,9 +207,10 @@ def test_recommend_output_quotes_titles(retriever_run: Path, tiny_dir: Path, cap
     rec = palr.recommend(user=palr.split.dataset.user_ids[0], k=len(cands[0]), explain=True)
     print_recommendation(rec)
     out = capsys.readouterr().out
-    for line in out.splitlines():
-        if "Ignore all previous" in line:
-            assert re.search(r'"Ignore all previous[^"]*"', line), line  # only ever inside quotes
+    planted = [line for line in out.splitlines() if "Ignore all previous" in line]
+    assert planted, out  # the planted title is printed (all candidates are), so the check below runs
+    for line in planted:
+        assert re.search(r'"Ignore all previous[^"]*"', line), line  # only ever inside quotes
     assert all("Ignore all previous" not in it["explanation"] for it in rec.items)
 
 
@@ -315,10 +322,19 @@ def test_llm_written_explanations_are_checked_like_the_templates(retriever_run: 
     assert src == "llm" and e.text == "Fans of Return of the Jedi get more war and action here." and e.because
     [(e, src)] = llm_explanations(Says("It is a comedy like Toy Story."), cat, [0], [template])
     assert e is template and src.startswith("template: LLM sentence rejected")
-    # end to end with a (random) text model: every sentence is the checked LLM one or the template
+    # a (random) text model: its sentence names no history item, so the template stays, and says why
+    from palr.llm.registry import load_llm
+
+    tiny = load_llm(f"hf:{tiny_dir}", dtype="float32", device="cpu")
+    [(e, src)] = llm_explanations(tiny, cat, [0], [template])
+    assert e is template and src.startswith("template: LLM sentence rejected (names no history item"), src
+    # end to end: the tiny run's items carry no tags and no close neighbour, so there is no evidence to
+    # write about: the LLM is not asked and each item keeps the template it gets without LLM explanations
     from palr.rank.pipeline import PALR
 
     palr = PALR.load(retriever_run, llm=f"hf:{tiny_dir}")
-    rec = palr.recommend(user=palr.split.dataset.user_ids[0], k=3, explain=True, llm_explanations=True)
-    assert all(it["explanation_source"] == "llm" or it["explanation_source"].startswith("template")
-               for it in rec.items)
+    user = palr.split.dataset.user_ids[0]
+    rec = palr.recommend(user=user, k=3, explain=True, llm_explanations=True)
+    plain = palr.recommend(user=user, k=3, explain=True)
+    assert [it["explanation_source"] for it in rec.items] == ["template: no evidence"] * 3
+    assert [it["explanation"] for it in rec.items] == [it["explanation"] for it in plain.items]
