@@ -248,7 +248,8 @@ def test_a_failing_llm_keeps_the_retriever_order(tiny_run: dict) -> None:
 
 def test_the_embedded_model_served_over_openai_ranks_as_the_local_one(tiny_run: dict) -> None:
     """`palr model serve mini:RUN/llm` + `--llm openai:...` on the PALR run: the same item-token log-probs."""
-    from palr.llm.server import BackgroundServer, create_app
+    from palr.llm.server import create_app
+    from serving import BackgroundServer
     from palr.rank.pipeline import PALR
 
     local = PALR.load(tiny_run["palr"])
@@ -310,7 +311,7 @@ def test_http_service_recommends(tiny_run: dict) -> None:
     pytest.importorskip("fastapi")
     import httpx
 
-    from palr.llm.server import BackgroundServer
+    from serving import BackgroundServer
     from palr.serve.app import create_app
 
     with BackgroundServer(create_app(tiny_run["palr"])) as url:

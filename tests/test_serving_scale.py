@@ -44,19 +44,32 @@ def test_merged_lora_model_scores_like_base_plus_adapter(tmp_path: Path) -> None
     assert not np.allclose(plain, with_adapter, atol=1e-3)  # the adapter matters, and the merge kept it
 
 
-def counting_server(llm, delay_s: float):
-    """palr's OpenAI-compatible server with a middleware that counts requests and the most in flight at once."""
+def counting_server(llm, hold_until: int):
+    """palr's OpenAI-compatible server with a middleware that counts requests and the most in flight at once.
+
+    While ``seen["gate"]`` is set, each request is held until that many are in flight (then the gate opens
+    for all): the test sees the client's overlap by construction, not by a server delay that may or may not
+    make requests overlap. A client that never reaches the gate is let through after 30 s (and fails)."""
+    import asyncio
+    import time
+
     from palr.llm.server import create_app
 
-    app = create_app(llm, model_name="tiny", delay_s=delay_s)
-    seen = {"now": 0, "max": 0, "requests": 0}
+    app = create_app(llm, model_name="tiny")
+    seen = {"now": 0, "max": 0, "requests": 0, "gate": hold_until}
 
     @app.middleware("http")
     async def count(request, call_next):  # the event loop runs one at a time: no lock needed
+        if request.url.path == "/health":  # the test server's readiness probe is not the client's
+            return await call_next(request)
         seen["now"] += 1
         seen["requests"] += 1
         seen["max"] = max(seen["max"], seen["now"])
         try:
+            deadline = time.monotonic() + 30
+            while seen["gate"] and seen["now"] < seen["gate"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.002)  # polls the condition; the others arrive meanwhile
+            seen["gate"] = 0
             return await call_next(request)
         finally:
             seen["now"] -= 1
@@ -68,7 +81,7 @@ def test_served_model_ranks_like_the_local_one_with_a_bounded_pool_and_batches(t
     pytest.importorskip("fastapi")
     from palr.llm.protocol import single_token_labels
     from palr.llm.registry import load_llm
-    from palr.llm.server import BackgroundServer
+    from serving import BackgroundServer
     from palr.rank.llm_ranker import PromptBuilder, Ranker
 
     catalog = tiny_catalog()
@@ -89,14 +102,14 @@ def test_served_model_ranks_like_the_local_one_with_a_bounded_pool_and_batches(t
         return r
 
     local = ranker(tiny_llm).rank(hist, [None] * users, cands_arr)
-    app, seen = counting_server(tiny_llm, delay_s=0.5)
+    app, seen = counting_server(tiny_llm, hold_until=3)
     with BackgroundServer(app) as url:
         client = load_llm(f"openai:tiny@{url}", concurrency=3, batch_size=4, timeout=30)
         served = ranker(client).rank(hist, [None] * users, cands_arr)
         assert not served.failed.any() and client.last_scoring == "echo"  # the label tokens' own log-probs
         np.testing.assert_array_equal(served.order, local.order)  # the same rankings as the local backend
         np.testing.assert_allclose(served.scores, local.scores, atol=1e-3)
-        assert seen["requests"] == users and 2 <= seen["max"] <= 3  # overlapping, never more than `concurrency`
+        assert seen["requests"] == users and seen["max"] == 3  # `concurrency` at once, never more
 
         # generation: four prompts a request (the server takes lists), the same texts as the local model
         seen.update(max=0, requests=0)
@@ -105,7 +118,7 @@ def test_served_model_ranks_like_the_local_one_with_a_bounded_pool_and_batches(t
         assert seen["requests"] == math.ceil(len(prompts) / 4)
 
         # many threads sharing one client: still at most `concurrency` requests in flight
-        seen.update(max=0, requests=0)
+        seen.update(max=0, requests=0, gate=3)
         client.batch_size = 1
         outs: list[list[str]] = []
         threads = [threading.Thread(target=lambda: outs.append(client.generate(["hello world"] * 3, max_new_tokens=2)))
@@ -115,7 +128,7 @@ def test_served_model_ranks_like_the_local_one_with_a_bounded_pool_and_batches(t
         for t in threads:
             t.join(timeout=60)
         assert len(outs) == 4 and seen["requests"] == 12
-        assert 2 <= seen["max"] <= 3
+        assert seen["max"] == 3
 
 
 def test_openai_client_settings_in_the_spec() -> None:
