@@ -135,15 +135,21 @@ def test_saturated_service_answers_503(loaded, monkeypatch: pytest.MonkeyPatch) 
 def test_cli_refuses_bad_recommend_arguments(tiny_ml100k_run: dict[str, Path]) -> None:
     from typer.testing import CliRunner
 
-    from palr.cli.main import app
+    from palr.cli.main import app, main
+    from palr.core.errors import ConfigError, InputError
 
     run, data = str(tiny_ml100k_run["palr"]), str(tiny_ml100k_run["data_dir"])
     runner = CliRunner()
-    for args, what in [(["--user", "1", "--k", "0"], "--k"), (["--user", "1", "--mode", "foo"], "--mode"),
-                       (["--user", "1", "--history", "2"], "not both"), (["--user", "1", "--k", "100000"], "between 1")]:
+    # each is refused with palr's own error (which `palr` turns into exit status 2 and one line), not a crash
+    for args, what, kind in [(["--user", "1", "--k", "0"], "--k", ConfigError),
+                             (["--user", "1", "--mode", "foo"], "--mode", ConfigError),
+                             (["--user", "1", "--history", "2"], "not both", InputError),
+                             (["--user", "1", "--k", "100000"], "between 1", InputError)]:
         r = runner.invoke(app, ["recommend", "--run", run, "--data-dir", data, *args])
-        assert r.exit_code == 2 or isinstance(r.exception, Exception), (args, r.output)
-        text = r.output + (str(r.exception) if r.exception and not isinstance(r.exception, SystemExit) else "")
-        assert what in text, (args, text)
+        assert type(r.exception) is kind, (args, r.exception, r.output)
+        assert what in str(r.exception), (args, str(r.exception))
+    with pytest.raises(SystemExit) as stop:
+        main(["recommend", "--run", run, "--data-dir", data, "--user", "1", "--k", "0"])
+    assert stop.value.code == 2
     r = runner.invoke(app, ["recommend", "--run", run, "--data-dir", data, "--user", "1", "--k", "3", "--json"])
     assert r.exit_code == 0 and len(json.loads(r.stdout)["items"]) == 3
