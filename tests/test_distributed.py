@@ -40,7 +40,9 @@ def test_one_process_needs_no_process_group(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
     assert not distributed.init() and distributed.is_main()
-    assert distributed.gather({"a": np.arange(3)}) is not None
+    obj = {"a": np.arange(3)}
+    [got] = distributed.gather(obj)  # one process: a list of its own object, on every process
+    assert got is obj and distributed.gather(obj, everyone=True) == [obj]
     assert distributed.gather_arrays({"a": np.arange(3), "n": 2})["n"] == 2  # type: ignore[index]
     assert distributed.broadcast("x") == "x"
 
