@@ -411,6 +411,44 @@ def test_genuine_examples_hold_no_test_item_and_no_held_out_user(synth_split: Sp
         check_no_leak(short, synth_split)
 
 
+def test_swap_augmented_genuine_examples_pass_the_leak_check_and_real_leaks_do_not(synth_split: Split) -> None:
+    """`palr finetune --source valid --swap-prob 0.1` crashed: a swap puts the validation item of a genuine
+    example into its history, which the leak check took for a leak."""
+    import copy
+
+    from palr.rank.trees import split_users
+    from palr.retrieval.candidates import candidates_for
+    from palr.train.examples import augment_swap, genuine_contexts
+
+    ret = make_retriever("itemknn").fit(synth_split.train, synth_split.n_items)
+    ranked, _ = candidates_for(ret, synth_split, "valid", 21)
+    fit_u, held = split_users(len(synth_split.train), 0.2, seed=0)
+    ex = genuine_contexts(synth_split, fit_u, ranked, 20)
+    out = augment_swap(ex, 1.0, np.random.default_rng(0))  # every example gets a swapped twin
+    assert out[:len(ex)] == ex and len(out) == 2 * len(ex)
+    for e, s in zip(ex, out[len(ex):]):
+        valid = int(synth_split.valid_targets[e.user])
+        [j] = np.flatnonzero(s.history != e.history)  # one position changed: it holds the validation item
+        assert s.history[j] == valid and s.targets == [int(e.history[j])] and s.user == e.user
+        assert valid not in s.candidates and s.targets[0] in s.candidates and len(s.candidates) == 20
+        assert sorted(s.candidates.tolist()) == sorted([*(c for c in e.candidates.tolist() if c != valid), s.targets[0]])
+    check_no_leak(out, synth_split, held)  # raised "leak: ... validation/test item" before
+    assert augment_swap(ex, 0.0, np.random.default_rng(0)) == ex
+    # real leaks are still caught in swapped examples: the test item anywhere, the validation item in a
+    # history whose target is not the training item it replaced, or in a shortened history
+    first = out[len(ex)]
+    for change in ("test", "other target", "prefix"):
+        bad = copy.deepcopy(first)
+        if change == "test":
+            bad.candidates[0] = synth_split.test_targets[bad.user]
+        elif change == "other target":
+            bad.targets = [int(next(i for i in synth_split.train[bad.user] if i != bad.targets[0]))]
+        else:
+            bad.history = bad.history[1:] if bad.history[0] != synth_split.valid_targets[bad.user] else bad.history[:-1]
+        with pytest.raises(AssertionError, match="leak"):
+            check_no_leak([bad], synth_split)
+
+
 def test_finetune_trains_no_held_out_user_and_chooses_on_them(tiny_run: dict) -> None:
     from palr.rank.trees import split_users
 

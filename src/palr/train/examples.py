@@ -190,18 +190,30 @@ def attach_candidates(examples: list[Example], split: Split, retriever: Any, cfg
 
 
 def check_no_leak(examples: Iterable[Example], split: Split, held_out: Iterable[int] = ()) -> None:
-    """Raise if a training example holds the user's test item anywhere, a validation item other than as the
-    target of a genuine example (history = the whole training sequence), or a held-out user's data."""
+    """Raise if a training example holds the user's test item anywhere, a validation item other than in a
+    genuine example (history = the whole training sequence, target = the validation item) or in that
+    example after :func:`augment_swap` (one history position holds the validation item and the target is the
+    training item it replaced), or a held-out user's data."""
     held = {int(u) for u in held_out}
     for e in examples:
         if e.user in held:
             raise AssertionError(f"leak: held-out validation user {e.user} in the training data")
         valid, test = int(split.valid_targets[e.user]), int(split.test_targets[e.user])
         seen = set(e.history.tolist()) | set(e.targets) | set(e.candidates.tolist())
-        genuine = len(e.history) == len(split.train[e.user]) and e.targets == [valid]
-        fut = {test} if genuine else {valid, test}
+        train = split.train[e.user]
+        genuine = len(e.history) == len(train) and e.targets == [valid]
+        fut = {test} if genuine or _swapped_genuine(e, train, valid) else {valid, test}
         if fut & seen:
             raise AssertionError(f"leak: user {e.user}'s validation/test item {sorted(fut & seen)} in training data")
+
+
+def _swapped_genuine(e: Example, train: np.ndarray, valid: int) -> bool:
+    """Whether ``e`` is a genuine example after :func:`augment_swap`: the training sequence with the validation
+    item at exactly one position ``j``, and ``train[j]`` the (only) target."""
+    if len(e.history) != len(train) or len(e.targets) != 1:
+        return False
+    differ = np.flatnonzero(np.asarray(e.history) != np.asarray(train))
+    return len(differ) == 1 and int(e.history[differ[0]]) == valid and e.targets[0] == int(train[differ[0]])
 
 
 def augment_swap(examples: list[Example], prob: float, rng: np.random.Generator) -> list[Example]:
