@@ -144,8 +144,9 @@ class ScriptedLLM:
 
 @pytest.fixture(scope="module")
 def server_url(tiny_llm):
-    from palr.llm.server import create_app
     from serving import BackgroundServer
+
+    from palr.llm.server import create_app
 
     with BackgroundServer(create_app(tiny_llm, model_name="tiny")) as url:
         yield url
@@ -178,8 +179,9 @@ def test_openai_scores_the_label_tokens_of_many_multi_token_labels(server_url, t
 
 
 def test_openai_parse_fallback():
-    from palr.llm.server import create_app
     from serving import BackgroundServer
+
+    from palr.llm.server import create_app
 
     with BackgroundServer(create_app(ScriptedLLM())) as url:
         client = load_llm(f"openai:palr@{url}")
@@ -189,8 +191,9 @@ def test_openai_parse_fallback():
 
 
 def test_openai_timeout_and_malformed(tiny_llm):
-    from palr.llm.server import create_app
     from serving import BackgroundServer
+
+    from palr.llm.server import create_app
 
     with BackgroundServer(create_app(tiny_llm, delay_s=1.0)) as url:
         client = load_llm(f"openai:palr@{url}", timeout=0.2, max_retries=1, backoff=0.01)

@@ -125,6 +125,35 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"name": name, "retriever": rrun, "palr": prun, "tmp": tmp}
 
 
+def test_warmup_ratio_is_a_share_of_the_training_steps(tmp_path: Path) -> None:
+    """finetune passed --warmup-ratio 0.05 as warmup_steps: under transformers 4 that is 0.05 steps (no warm-up)."""
+    import dataclasses
+
+    transformers = pytest.importorskip("transformers")
+    from palr.core.errors import ConfigError
+    from palr.train.lm import training_arguments, warmup_keyword
+
+    args = training_arguments(output_dir=str(tmp_path), warmup_ratio=0.05)
+    assert args.get_warmup_steps(1000) == 50  # 5% of 1000 steps
+    assert training_arguments(output_dir=str(tmp_path), warmup_ratio=0.0).get_warmup_steps(1000) == 0
+    with pytest.raises(ConfigError, match="warmup-ratio"):
+        training_arguments(output_dir=str(tmp_path), warmup_ratio=1.5)
+
+    @dataclasses.dataclass
+    class Version4Arguments:  # transformers 4's spelling: a ratio field beside an integer step count
+        output_dir: str
+        warmup_steps: int = 0
+        warmup_ratio: float = 0.0
+        report_to: list = dataclasses.field(default_factory=list)
+        remove_unused_columns: bool = True
+        dataloader_num_workers: int = 0
+        dataloader_pin_memory: bool = True
+
+    assert warmup_keyword(Version4Arguments) == "warmup_ratio"
+    assert warmup_keyword(transformers.TrainingArguments) == (
+        "warmup_ratio" if "warmup_ratio" in transformers.TrainingArguments.__dataclass_fields__ else "warmup_steps")
+
+
 def test_finetune_writes_a_complete_run_and_weights_moved(tiny_run: dict) -> None:
     from safetensors.torch import load_file
 
@@ -248,8 +277,9 @@ def test_a_failing_llm_keeps_the_retriever_order(tiny_run: dict) -> None:
 
 def test_the_embedded_model_served_over_openai_ranks_as_the_local_one(tiny_run: dict) -> None:
     """`palr model serve mini:RUN/llm` + `--llm openai:...` on the PALR run: the same item-token log-probs."""
-    from palr.llm.server import create_app
     from serving import BackgroundServer
+
+    from palr.llm.server import create_app
     from palr.rank.pipeline import PALR
 
     local = PALR.load(tiny_run["palr"])
@@ -310,8 +340,8 @@ def test_finetuned_run_refuses_another_dataset(tiny_run: dict, tmp_path: Path) -
 def test_http_service_recommends(tiny_run: dict) -> None:
     pytest.importorskip("fastapi")
     import httpx
-
     from serving import BackgroundServer
+
     from palr.serve.app import create_app
 
     with BackgroundServer(create_app(tiny_run["palr"])) as url:

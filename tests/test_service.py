@@ -21,6 +21,7 @@ def loaded(tiny_ml100k_run: dict[str, Path]):
 
 def serve(palr, **cfg):
     from serving import BackgroundServer
+
     from palr.serve.app import ServiceConfig, create_app
 
     return BackgroundServer(create_app(palr, config=ServiceConfig(**cfg)))

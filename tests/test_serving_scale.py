@@ -79,9 +79,10 @@ def counting_server(llm, hold_until: int):
 
 def test_served_model_ranks_like_the_local_one_with_a_bounded_pool_and_batches(tiny_llm) -> None:
     pytest.importorskip("fastapi")
+    from serving import BackgroundServer
+
     from palr.llm.protocol import single_token_labels
     from palr.llm.registry import load_llm
-    from serving import BackgroundServer
     from palr.rank.llm_ranker import PromptBuilder, Ranker
 
     catalog = tiny_catalog()

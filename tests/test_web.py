@@ -47,6 +47,7 @@ def shots(tmp_path: Path) -> Path:
 
 def test_page_shows_profile_and_recommended_titles(browser, tiny_ml100k_run: dict[str, Path], shots: Path) -> None:
     from serving import BackgroundServer
+
     from palr.rank.pipeline import PALR
     from palr.serve.app import create_app
 
@@ -84,6 +85,7 @@ def test_page_shows_profile_and_recommended_titles(browser, tiny_ml100k_run: dic
 
 def test_page_asks_for_the_token(browser, tiny_ml100k_run: dict[str, Path]) -> None:
     from serving import BackgroundServer
+
     from palr.rank.pipeline import PALR
     from palr.serve.app import ServiceConfig, create_app
 

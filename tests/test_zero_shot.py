@@ -62,8 +62,9 @@ def test_a_retriever_run_ranks_zero_shot_with_any_llm(retriever_run: Path, tiny_
 
 def test_the_served_model_ranks_as_the_local_one(retriever_run: Path, tiny_dir: Path, tiny_llm) -> None:
     """openai:MODEL@URL against `palr model serve` gives the local model's label log-probabilities."""
-    from palr.llm.server import create_app
     from serving import BackgroundServer
+
+    from palr.llm.server import create_app
     from palr.rank.pipeline import PALR
 
     local = PALR.load(retriever_run, llm=f"hf:{tiny_dir}")

@@ -313,7 +313,7 @@ class FinetuneConfig:
     batch_size: int = field(default=32, metadata=opt("Examples per step (per device)."))
     grad_accum: int = field(default=1, metadata=opt("Gradient accumulation steps."))
     weight_decay: float = field(default=0.01, metadata=opt("AdamW weight decay."))
-    warmup_ratio: float = field(default=0.05, metadata=opt("Warm-up steps of the cosine schedule."))
+    warmup_ratio: float = field(default=0.05, metadata=opt("Share of the training steps that warm up the cosine schedule, in [0, 1)."))
     listwise_weight: float = field(default=1.0, metadata=opt("Weight of the listwise loss over candidates."))
     valid_users: int = field(default=1000, metadata=opt("Validation users ranked after each epoch."))
     weight_users: int = field(default=5000, metadata=opt("Validation users on which the fusion weight is chosen."))

@@ -201,7 +201,7 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
     args = training_arguments(
         output_dir=str(ckpt), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type="cosine",
+        weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, lr_scheduler_type="cosine",
         eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, load_best_model_at_end=True,
         metric_for_best_model="ndcg@10", greater_is_better=True, logging_steps=50,
         seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=not progress_enabled(progress),

@@ -22,6 +22,7 @@ import numpy as np
 
 from palr.core import distributed
 from palr.core.console import progress_enabled
+from palr.core.errors import ConfigError
 from palr.core.metrics import ndcg
 from palr.core.settings import FinetuneConfig
 from palr.data.dataset import Split
@@ -121,6 +122,13 @@ def init_item_embeddings(model: Any, token_ids: np.ndarray, vectors: np.ndarray)
     log.info("initialised %d item tokens from %d-d item vectors", len(token_ids), vectors.shape[1])
 
 
+def warmup_keyword(arguments_class: Any) -> str:
+    """The ``TrainingArguments`` field that takes a warm-up *ratio*: transformers 4 has ``warmup_ratio``
+    (its ``warmup_steps`` is a count: 0.05 there meant no warm-up); transformers 5 has ``warmup_steps`` only,
+    and reads a float in [0, 1) as a ratio."""
+    return "warmup_ratio" if "warmup_ratio" in getattr(arguments_class, "__dataclass_fields__", {}) else "warmup_steps"
+
+
 def training_arguments(**kw: Any) -> Any:
     """``TrainingArguments`` that shard under a launcher (``torchrun``, ``accelerate launch``).
 
@@ -137,6 +145,11 @@ def training_arguments(**kw: Any) -> Any:
         kw.setdefault("ddp_backend", "gloo")
     if distributed.world_size() > 1:
         kw.setdefault("ddp_find_unused_parameters", False)  # palr_loss uses every trainable weight
+    if "warmup_ratio" in kw:  # a share of the training steps, whichever way this transformers spells it
+        ratio = float(kw.pop("warmup_ratio"))
+        if not 0.0 <= ratio < 1.0:
+            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {ratio}")
+        kw[warmup_keyword(TrainingArguments)] = ratio
     base = {"report_to": [], "remove_unused_columns": False, "dataloader_num_workers": 0,
             "dataloader_pin_memory": False}  # no pinned memory on a CPU (torch warned on every fine-tune)
     return TrainingArguments(**{**base, **kw})
