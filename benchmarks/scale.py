@@ -82,15 +82,13 @@ def step(kind: str, csv_path: Path, eval_users: int) -> dict[str, float]:
     from palr.data import load_split
     from palr.evaluate.retrievers import evaluate_retriever
     from palr.retrieval.base import make_retriever
-    from palr.train.retriever import seed_everything
 
     split = load_split(f"csv:{csv_path}")
     n_train = int(sum(len(s) for s in split.train))
-    seed_everything(0)
     # the timed epoch uses the default full softmax; the evaluation's model is trained with the sampled softmax,
     # whose memory does not grow with the catalogue (a full softmax over 100,000 items at batch 256 needs > 10 GB)
     sasrec = make_retriever("sasrec", hidden=64, heads=1, layers=2, max_len=50, batch_size=256, epochs=1,
-                            patience=1, dropout=0.2, bf16=False, loss="ce" if kind == "sasrec" else "sampled")
+                            patience=1, dropout=0.2, bf16=False, seed=0, loss="ce" if kind == "sasrec" else "sampled")
     # the evaluation's SASRec is trained on a few users only (scoring cost does not depend on the weights)
     train = split.train if kind == "sasrec" else split.train[:1000]
     t0, c0 = time.perf_counter(), time.process_time()
