@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import typer
+from rich.console import Console
 from typer.testing import CliRunner
 
 from palr.cli.main import app, parse_params
@@ -154,3 +155,36 @@ def test_csv_column_flags(tmp_path: Path) -> None:
         assert first["user"] == "u0" and first_pred_excludes not in first["items"]
     res = runner.invoke(app, ["data", "stats", *base[:2], "--json"])
     assert res.exit_code != 0 and "missing column" in str(res.exception)
+
+
+def test_demo_trains_its_retriever_with_palr_train_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`palr demo` trained SASRec with its own settings (200 epochs, patience 5), not `palr train`'s."""
+    import dataclasses
+
+    from test_evaluation import write_synthetic_csv
+
+    import palr.train.retriever
+    from palr.cli.demo import QUICK_RETRIEVER, run_demo
+
+    seen: list[tuple[tuple, dict]] = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(*args, **kwargs):
+        seen.append((args, kwargs))
+        raise Stop
+
+    data = f"csv:{write_synthetic_csv(tmp_path / 'events.csv')}"
+    monkeypatch.setattr(palr.train.retriever, "train_run", capture)
+    r = CliRunner().invoke(app, ["train", "-d", data, "--out", str(tmp_path / "t")])
+    assert isinstance(r.exception, Stop), r.output
+    with pytest.raises(Stop):
+        run_demo(data, tmp_path / "demo", console=Console(quiet=True))
+    with pytest.raises(Stop):
+        run_demo(data, tmp_path / "demo", quick=True, console=Console(quiet=True))
+    (train_args, _), (full_args, _), (quick_args, _) = seen
+    train_cfg, full, quick = train_args[0], full_args[0], quick_args[0]
+    assert full == dataclasses.replace(train_cfg, out=tmp_path / "demo" / "retriever")  # the same settings
+    assert full.retriever == "sasrec" and full.params == {}  # SASRec's own (data-filled) defaults
+    assert quick == dataclasses.replace(full, params=QUICK_RETRIEVER) and QUICK_RETRIEVER["epochs"] < 50

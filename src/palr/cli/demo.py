@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,26 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
-from palr.core.settings import ExampleConfig, FinetuneConfig
+from palr.core.settings import ExampleConfig, FinetuneConfig, TrainConfig
+from palr.data import as_spec
 
-# (retriever params, fine-tuning config) for the full and the --quick demo
-PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "full": ({"epochs": 200, "patience": 5}, {"epochs": 3.0, "positions_per_user": 10}),
-    "quick": ({"epochs": 15, "patience": 3}, {"epochs": 1.0, "positions_per_user": 3}),
+# the full demo trains its retriever as `palr train` does (TrainConfig's defaults, one definition); --quick
+# shortens the training
+QUICK_RETRIEVER: dict[str, Any] = {"epochs": 15, "patience": 3}
+# fine-tuning settings of the full and the --quick demo
+FINETUNE: dict[str, dict[str, Any]] = {
+    "full": {"epochs": 3.0, "positions_per_user": 10},
+    "quick": {"epochs": 1.0, "positions_per_user": 3},
 }
+
+
+def retriever_config(dataset: str, out: str | Path, *, quick: bool = False, data_dir: str | Path | None = None,
+                     seed: int = 0, overwrite: bool = False) -> TrainConfig:
+    """The demo's `palr train`: TrainConfig's defaults (SASRec with its own defaults), QUICK_RETRIEVER with --quick."""
+    cfg = TrainConfig(out=Path(out) / "retriever", data=as_spec(dataset, data_dir), seed=seed, overwrite=overwrite)
+    if quick:
+        cfg = replace(cfg, params={**cfg.params, **QUICK_RETRIEVER})
+    return cfg
 
 
 def run_demo(dataset: str = "ml-100k", out: str | Path = "runs/demo", *, quick: bool = False,
@@ -39,7 +53,7 @@ def run_demo(dataset: str = "ml-100k", out: str | Path = "runs/demo", *, quick: 
     con = console or Console()
     out = Path(out)
     t0 = time.perf_counter()
-    rparams, fparams = PRESETS["quick" if quick else "full"]
+    fparams = FINETUNE["quick" if quick else "full"]
     ds = load_dataset(dataset, data_dir)
     st = ds.stats()
     con.rule(f"[bold]PALR demo on {dataset}[/bold]" + (" (quick)" if quick else ""))
@@ -47,8 +61,8 @@ def run_demo(dataset: str = "ml-100k", out: str | Path = "runs/demo", *, quick: 
               "(5-core, leave-one-out)")
 
     con.print("2/5 retrieval: training SASRec on the training split (early stopping on validation NDCG@10)")
-    rrun = train_run(dataset, "sasrec", out / "retriever", params=dict(rparams), seed=seed, data_dir=data_dir,
-                     progress=True, overwrite=overwrite)
+    rcfg = retriever_config(dataset, out, quick=quick, data_dir=data_dir, seed=seed, overwrite=overwrite)
+    rrun = train_run(rcfg, progress=True)
     rval = json.loads((rrun / "metrics.json").read_text())["valid"]
     con.print(f"    SASRec valid NDCG@10 {rval['NDCG@10']:.4f}, HR@10 {rval['HR@10']:.4f}")
 
