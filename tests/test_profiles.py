@@ -74,6 +74,68 @@ def test_cache_hits(tmp_path):
     assert other[0].source == "attributes"
 
 
+class CountingProfiler(AttributeProfiler):
+    """The attribute profiler, counting the histories it was asked to profile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[int, ...]] = []
+
+    def profile_many(self, users, histories, catalog, **kw):
+        self.asked += [tuple(int(i) for i in h) for h in histories]
+        return super().profile_many(users, histories, catalog, **kw)
+
+
+def test_cache_opened_in_one_thread_serves_worker_threads(tmp_path):
+    """A run loads its profiles.sqlite in one thread and ranks in worker threads: sqlite3 refused that
+    ('SQLite objects created in a thread can only be used in that same thread')."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from palr.rank.profiles import HistoryProfiles
+
+    ds = dataset()
+    cache = ProfileCache(tmp_path / "profiles.sqlite")  # opened here, in the main thread
+    made = profile_users(ds, ["u1", "u2"], AttributeProfiler(), cache=cache)
+    with ThreadPoolExecutor(4) as pool:  # the same cache, read and written from worker threads
+        got = list(pool.map(lambda k: profile_users(ds, [["u1", "u2"][k % 2]], AttributeProfiler(), cache=cache)[0],
+                            range(16)))
+    assert [p.to_dict() for p in got] == [made[k % 2].to_dict() for k in range(16)]
+    assert cache.hits == 16 and cache.misses == 2
+    # HistoryProfiles over a cache, many distinct histories at once from several threads: each gets its own
+    counting = CountingProfiler()
+    hp = HistoryProfiles("tiny", ds.catalog, counting, cache)
+    hists = [np.array([k % 8, (k + 3) % 8, (k * 5) % 8], dtype=np.int64) for k in range(40)]
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda h: hp(h), hists))
+    assert texts == [AttributeProfiler().profile("-", h, ds.catalog).profile for h in hists]
+    cache.close()
+
+
+def test_history_profiles_memo_is_bounded_least_recently_used_first():
+    from palr.rank.profiles import HistoryProfiles
+
+    ds = dataset()
+    counting = CountingProfiler()
+    hp = HistoryProfiles("tiny", ds.catalog, counting, memo_size=2)
+    a, b, c = np.array([2, 7]), np.array([0, 4]), np.array([1, 6])
+    hp.texts([a, b])
+    hp(a)  # a is now the most recently used; b the least
+    hp(c)  # a third history: b is dropped, a and c kept
+    assert len(hp._memo) == 2
+    assert counting.asked == [(2, 7), (0, 4), (1, 6)]
+    hp(a)
+    hp(c)
+    assert counting.asked == [(2, 7), (0, 4), (1, 6)]  # remembered: not profiled again
+    hp(b)
+    assert counting.asked[-1] == (0, 4) and len(counting.asked) == 4 and len(hp._memo) == 2  # dropped: again
+    # one call with more distinct histories than the memo holds still answers every one of them
+    many = [np.array([i, j]) for i in range(8) for j in range(8) if i != j][:10]
+    assert hp.texts(many) == [AttributeProfiler().profile("-", h, ds.catalog).profile for h in many]
+    assert len(hp._memo) == 2
+    with pytest.raises(ValueError, match="memo_size"):
+        HistoryProfiles("tiny", ds.catalog, counting, memo_size=0)
+
+
 @pytest.mark.parametrize("answer,why", [("", "empty"), ("ECHO", "echo"), ("x" * 300, "no grounded keyword"),
                                         ("a, b, c, d, e, f, g", "no grounded keyword"),
                                         ("!!!, ???", "no grounded keyword"),

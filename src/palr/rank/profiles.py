@@ -21,7 +21,8 @@ import json
 import logging
 import re
 import sqlite3
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -339,12 +340,16 @@ class LLMProfiler:
 
 
 class ProfileCache:
-    """SQLite cache of profiles keyed by (dataset, user, history hash, backend, prompt version)."""
+    """SQLite cache of profiles keyed by (dataset, user, history hash, backend, prompt version).
+
+    Usable from any thread (a run is loaded in one thread and ranks in the service's worker threads): one
+    connection opened with ``check_same_thread=False``, every use of it under a lock."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path))
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False)
         self._db.execute("CREATE TABLE IF NOT EXISTS profiles (dataset TEXT, user TEXT, history_hash TEXT, "
                          "backend TEXT, prompt_version TEXT, profile TEXT, "
                          "PRIMARY KEY (dataset, user, history_hash, backend, prompt_version))")
@@ -352,23 +357,26 @@ class ProfileCache:
         self.hits = self.misses = 0
 
     def get(self, dataset: str, user: str, hhash: str, backend: str) -> Profile | None:
-        row = self._db.execute("SELECT profile FROM profiles WHERE dataset=? AND user=? AND history_hash=? "
-                               "AND backend=? AND prompt_version=?",
-                               (dataset, user, hhash, backend, PROMPT_VERSION)).fetchone()
-        if row is None:
-            self.misses += 1
-            return None
-        self.hits += 1
+        with self._lock:
+            row = self._db.execute("SELECT profile FROM profiles WHERE dataset=? AND user=? AND history_hash=? "
+                                   "AND backend=? AND prompt_version=?",
+                                   (dataset, user, hhash, backend, PROMPT_VERSION)).fetchone()
+            if row is None:
+                self.misses += 1
+                return None
+            self.hits += 1
         return Profile(**json.loads(row[0]))
 
     def put(self, dataset: str, backend: str, profiles: Sequence[Profile]) -> None:
-        self._db.executemany("INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?, ?, ?)",
-                             [(dataset, p.user, p.history_hash, backend, p.prompt_version,
-                               json.dumps(p.to_dict())) for p in profiles])
-        self._db.commit()
+        rows = [(dataset, p.user, p.history_hash, backend, p.prompt_version, json.dumps(p.to_dict()))
+                for p in profiles]
+        with self._lock:
+            self._db.executemany("INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self._db.commit()
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
 
 def user_history(dataset: Dataset, user: str, stage: str = "all") -> Any:
@@ -434,16 +442,40 @@ def make_profiler(llm: str | None = None, *, spec: str | None = None, ranking_ll
     raise PalrError(f"unknown profiler {spec!r}; use attributes, llm (the ranking LLM) or llm:SPEC")
 
 
+MEMO_SIZE = 50_000  # profiles HistoryProfiles keeps in memory (least recently used dropped first)
+
+
 class HistoryProfiles:
     """history -> profile text, as ranking and fine-tuning read it: one profiler, generated once per distinct
-    history (an optional SQLite cache keeps them across runs). ``enabled=False`` gives ``None`` (no profile)."""
+    history (an optional SQLite cache keeps them across runs). ``enabled=False`` gives ``None`` (no profile).
+
+    The in-memory memo keeps the ``memo_size`` most recently used profiles (a service sees ever new histories:
+    unbounded, it grew with every request); safe to call from several threads."""
 
     def __init__(self, dataset_name: str, catalog: Catalog, profiler: Profiler, cache: ProfileCache | None = None,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, memo_size: int = MEMO_SIZE) -> None:
+        if memo_size < 1:
+            raise ValueError(f"memo_size must be at least 1, got {memo_size}")
         self.dataset_name, self.catalog, self.profiler, self.cache, self.enabled = (
             dataset_name, catalog, profiler, cache, enabled)
-        self._memo: dict[str, Profile] = {}
+        self.memo_size = memo_size
+        self._memo: OrderedDict[str, Profile] = OrderedDict()
+        self._lock = threading.Lock()
         self.llm_profiles = self.fallbacks = 0
+
+    def _recall(self, hh: str) -> Profile | None:
+        with self._lock:
+            p = self._memo.get(hh)
+            if p is not None:
+                self._memo.move_to_end(hh)
+            return p
+
+    def _remember(self, hh: str, p: Profile) -> None:
+        with self._lock:
+            self._memo[hh] = p
+            self._memo.move_to_end(hh)
+            while len(self._memo) > self.memo_size:
+                self._memo.popitem(last=False)
 
     @property
     def name(self) -> str:
@@ -453,26 +485,33 @@ class HistoryProfiles:
         if not self.enabled:
             return [None] * len(histories)
         hashes = [history_hash(self.catalog, h) for h in histories]
+        found: dict[str, Profile] = {}  # this call's answers: the memo may drop some while it runs
         todo: dict[str, Sequence[int]] = {}
         for hh, h in zip(hashes, histories):
-            if hh in self._memo or hh in todo:
+            if hh in found or hh in todo:
                 continue
-            got = self.cache.get(self.dataset_name, "-", hh, self.profiler.name) if self.cache else None
+            got = self._recall(hh)
+            if got is None and self.cache is not None:
+                got = self.cache.get(self.dataset_name, "-", hh, self.profiler.name)
+                if got is not None:
+                    self._remember(hh, got)
             if got is not None:
-                self._memo[hh] = got
+                found[hh] = got
             else:
                 todo[hh] = h
         if todo:
             made = self.profiler.profile_many(["-"] * len(todo), list(todo.values()), self.catalog)
             for hh, p in zip(todo, made):
-                self._memo[hh] = p
-                if p.source == "llm":
-                    self.llm_profiles += 1
-                elif p.note and p.backend != "attributes":
-                    self.fallbacks += 1
+                found[hh] = p
+                self._remember(hh, p)
+                with self._lock:
+                    if p.source == "llm":
+                        self.llm_profiles += 1
+                    elif p.note and p.backend != "attributes":
+                        self.fallbacks += 1
             if self.cache is not None:
                 self.cache.put(self.dataset_name, self.profiler.name, made)
-        return [self._memo[hh] for hh in hashes]
+        return [found[hh] for hh in hashes]
 
     def texts(self, histories: Sequence[Sequence[int]]) -> list[str | None]:
         return [p.profile if p is not None else None for p in self.profiles(histories)]
