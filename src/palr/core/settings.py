@@ -432,11 +432,21 @@ class ServiceConfig:
     max_body_bytes: int = field(default=256 * 1024, metadata=opt("Request body limit in bytes (413).", "--max-body"))
     max_concurrent: int = field(default=4, metadata=opt("Requests computed at once."))
     max_queue: int = field(default=64, metadata=opt("Requests waiting for a slot; more get 503."))
+    body_timeout: float = field(default=10.0, metadata=opt(
+        "Seconds a client has to send its whole request body (408 after); a slow body never holds a slot."))
+    keep_alive: int = field(default=5, metadata=opt("Seconds an idle keep-alive connection stays open."))
+    max_connections: int = field(default=512, metadata=opt(
+        "Open connections at most (uvicorn's limit_concurrency); a further request gets 503."))
 
     def __post_init__(self) -> None:
 
         if self.max_body_bytes < 1024 or self.max_concurrent < 1 or self.max_queue < 0:
             raise InputError("need max_body_bytes >= 1024, max_concurrent >= 1 and max_queue >= 0")
+        if not 0 < self.body_timeout <= 600 or not 1 <= self.keep_alive <= 600:
+            raise InputError("need 0 < body_timeout <= 600 and 1 <= keep_alive <= 600 (seconds)")
+        if self.max_connections < self.max_concurrent + self.max_queue + 16:
+            raise InputError(f"max_connections must leave room above the compute slots and the queue: need >= "
+                             f"{self.max_concurrent + self.max_queue + 16}, got {self.max_connections}")
         if self.token is not None and not self.token.strip():
             raise InputError("an empty token would protect nothing: give a non-empty --token or none")
 

@@ -44,15 +44,34 @@ def match_titles(catalog: Catalog, queries: Sequence[str], min_score: float = 85
         from rapidfuzz import fuzz, process, utils
     except ImportError as e:  # pragma: no cover - rapidfuzz is a core dependency
         raise PalrError("matching titles needs rapidfuzz: pip install rapidfuzz") from e
-    choices = [t or "" for t in catalog.titles]
+    # the catalogue's titles processed once per catalogue (not per request), and an index of them for exact matches
+    cached = getattr(catalog, "_title_match_index", None)
+    if cached is None or cached[0] is not catalog.titles:
+        processed = [utils.default_process(t or "") for t in catalog.titles]
+        exact: dict[str, int] = {}
+        for i, t in enumerate(processed):
+            exact.setdefault(t, i)  # ties go to the lower index
+        cached = (catalog.titles, processed, exact)
+        try:
+            catalog._title_match_index = cached  # type: ignore[attr-defined]
+        except AttributeError:  # pragma: no cover - a catalogue with __slots__
+            pass
+    _, processed, exact = cached
     out = []
+    done: dict[str, tuple[float, int | None]] = {}  # a repeated query is matched once
     for q in queries:
-        found = process.extract(q, choices, scorer=fuzz.WRatio, processor=utils.default_process,
-                                score_cutoff=min_score, limit=5)
-        if not found:
+        key = utils.default_process(q)
+        if key not in done:
+            if key and key in exact:  # WRatio of equal strings is 100: no need to score the catalogue
+                done[key] = (100.0, exact[key])
+            else:
+                found = process.extract(key, processed, scorer=fuzz.WRatio, processor=None,
+                                        score_cutoff=min_score, limit=5)
+                best = max(found, key=lambda m: (round(m[1], 6), -m[2])) if found else None
+                done[key] = (round(float(best[1]), 1), int(best[2])) if best else (0.0, None)
+        score, idx = done[key]
+        if idx is None:
             out.append(TitleMatch(q, None, None, 0.0))
-            continue
-        best = max(found, key=lambda m: (round(m[1], 6), -m[2]))
-        _, score, idx = best
-        out.append(TitleMatch(q, catalog.item_ids[idx], catalog.titles[idx], round(float(score), 1), int(idx)))
+        else:
+            out.append(TitleMatch(q, catalog.item_ids[idx], catalog.titles[idx], score, idx))
     return out

@@ -5,14 +5,18 @@ requests. ``logprobs`` (completions) and ``logprobs``/``top_logprobs`` (chat) ar
 ``generate_with_logprobs`` (the ``hf``/``mini`` backends). ``echo`` with ``logprobs`` (completions) scores the
 prompts themselves, as vLLM does, for clients that need the log-probabilities of given answer labels: the prompts
 of one request are scored after their longest common prefix (cut at a whitespace), in one forward pass when each
-remainder is one token; the prefix is reported as one token with a null log-probability. ``delay_s`` and ``fault="malformed"`` exist for
-tests of client timeouts and garbage answers. Run it with ``python -m palr.llm.server SPEC --port 8000``.
+remainder is one token; the prefix is reported as one token with a null log-probability. ``stream: true`` is
+answered with server-sent events as the OpenAI API sends them (``data: {chunk}`` each, then ``data: [DONE]``): the
+text is generated whole, then sent in word pieces (echo is not streamed: 400). ``delay_s`` and
+``fault="malformed"`` exist for tests of client timeouts and garbage answers. Run it with ``python -m palr.llm.server SPEC --port 8000``.
 """
 
 # No `from __future__ import annotations`: FastAPI must resolve the request models defined in create_app.
 import argparse
 import asyncio
+import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -40,6 +44,7 @@ def _schemas() -> tuple[type, type]:
         stop: str | list[str] | None = None
         logprobs: int | None = None
         echo: bool = False
+        stream: bool = False
 
     class ChatRequest(BaseModel):
         model: str = "palr"
@@ -49,6 +54,7 @@ def _schemas() -> tuple[type, type]:
         stop: str | list[str] | None = None
         logprobs: bool = False
         top_logprobs: int | None = None
+        stream: bool = False
 
     return CompletionRequest, ChatRequest
 
@@ -88,6 +94,24 @@ def _echo(llm: LLM, prompts: list[str]) -> list[dict[str, Any]]:
     return out
 
 
+def _pieces(text: str) -> list[str]:
+    """``text`` in the pieces a stream sends: words with the whitespace before them (joined, they give ``text``)."""
+    return re.findall(r"\s*\S+|\s+$", text) or [""]
+
+
+def _sse(chunks: list[dict[str, Any]]) -> Any:
+    """Server-sent events as the OpenAI API streams them: ``data: {json}`` per chunk, then ``data: [DONE]``."""
+    from fastapi.responses import StreamingResponse
+
+    async def events() -> Any:
+        for c in chunks:
+            yield f"data: {json.dumps(c)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
 def create_app(llm: str | LLM | Callable[[], LLM], *, model_name: str = "palr", delay_s: float = 0.0,
                fault: str | None = None, **llm_options: Any) -> Any:
     """A FastAPI app serving ``llm`` (a spec for :func:`load_llm`, an LLM, or a factory), loaded at startup."""
@@ -125,6 +149,8 @@ def create_app(llm: str | LLM | Callable[[], LLM], *, model_name: str = "palr", 
             return {"choices": [{"unexpected": True}]}
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if req.echo:
+            if req.stream:
+                raise HTTPException(400, "echo (prompt scoring) is not streamed: send it with stream=false")
             if not req.logprobs:
                 raise HTTPException(400, "echo is served with logprobs only (prompt scoring)")
             try:
@@ -146,8 +172,18 @@ def create_app(llm: str | LLM | Callable[[], LLM], *, model_name: str = "palr", 
                 lp = {"tokens": [s["token"] for s in steps], "token_logprobs": [s["logprob"] for s in steps],
                       "top_logprobs": [dict(s["top"]) for s in steps]}
             choices.append({"index": k, "text": text, "logprobs": lp, "finish_reason": "stop"})
-        return {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": "text_completion", "created": int(time.time()),
-                "model": model_name, "choices": choices}
+        head = {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": "text_completion", "created": int(time.time()),
+                "model": model_name}
+        if req.stream:  # generated whole, sent as it would be streamed: word pieces, then the finish reason
+            chunks = []
+            for c in choices:
+                pieces = [c["text"]] if c["logprobs"] is not None else _pieces(c["text"])
+                chunks += [head | {"choices": [{"index": c["index"], "text": t, "logprobs": c["logprobs"] if not j
+                                                 else None, "finish_reason": None}]} for j, t in enumerate(pieces)]
+                chunks.append(head | {"choices": [{"index": c["index"], "text": "", "logprobs": None,
+                                                   "finish_reason": c["finish_reason"]}]})
+            return _sse(chunks)
+        return head | {"choices": choices}
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest) -> Any:  # type: ignore[valid-type]
@@ -161,10 +197,19 @@ def create_app(llm: str | LLM | Callable[[], LLM], *, model_name: str = "palr", 
             lp = {"content": [{"token": s["token"], "logprob": s["logprob"],
                                "top_logprobs": [{"token": t, "logprob": v} for t, v in s["top"]]}
                               for s in details[0]]}
-        return {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion",
-                "created": int(time.time()), "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": texts[0]},
-                             "logprobs": lp, "finish_reason": "stop"}]}
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": model_name}
+        if req.stream:
+            chunk = head | {"object": "chat.completion.chunk"}
+            pieces = [texts[0]] if lp is not None else _pieces(texts[0])
+            chunks = [chunk | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]}]
+            chunks += [chunk | {"choices": [{"index": 0, "delta": {"content": t}, "logprobs": lp if not j else None,
+                                             "finish_reason": None}]} for j, t in enumerate(pieces)]
+            chunks.append(chunk | {"choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]})
+            return _sse(chunks)
+        return head | {"object": "chat.completion",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": texts[0]},
+                                    "logprobs": lp, "finish_reason": "stop"}]}
 
     return app
 

@@ -7,10 +7,16 @@ A recommendation may start from a user, item ids or titles (``history_titles``, 
 returned); every response carries ``llm`` (who ranked, LLM failures and fallbacks so far). An LLM server that
 cannot be reached gives 503 (unless the service was started with ``--allow-fallback``).
 
-Hardening (:class:`ServiceConfig`): a request body limit (413, checked before the body is read), field limits and
-``k`` in 1..candidates (422), error messages that never echo large input, an optional bearer token for the API
-(401; the page asks for it), CORS off unless origins are given, and a concurrency limit: ``max_concurrent``
-requests are computed at once, ``max_queue`` more wait, any further one gets 503 at once.
+Hardening (:class:`ServiceConfig`, :class:`Guard`), in the order a request meets it: an optional bearer token for
+the API (401; the page asks for it), a request body limit (413, checked before the body is read), the body read
+whole under a deadline (408 after ``body_timeout`` s), and only then admission: ``max_concurrent`` requests are
+computed at once, ``max_queue`` more wait, any further one gets 503 at once; so a client that withholds its body,
+or has no token, never holds a compute slot. ``GET /health`` reports the slots in use (and never the run's path).
+Request cost is bounded before any work: field limits, at most 100 titles of 200 characters (12,000 in all),
+``k`` in 1..candidates, at most 10 search words (422); error messages never echo large input. uvicorn closes idle
+keep-alive connections after ``keep_alive`` s and holds at most ``max_connections``. Every response carries
+``X-Content-Type-Options: nosniff``, ``X-Frame-Options: DENY``, ``Referrer-Policy: no-referrer`` and a
+Content-Security-Policy (the page loads only its own script and style). CORS is off unless origins are given.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the endpoint annotations at definition time.
@@ -33,6 +39,20 @@ log = logging.getLogger(__name__)
 WEB = Path(__file__).parent / "web"  # index.html, app.js, app.css: no build step
 
 
+PUBLIC = frozenset({"/", "/health", "/static/app.js", "/static/app.css", "/favicon.ico", "/docs",
+                    "/docs/oauth2-redirect", "/redoc", "/openapi.json"})  # open even with --token
+# the page loads /static/app.js and app.css and calls the API: nothing inline, nothing from elsewhere
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+# /docs and /redoc: FastAPI's pages load Swagger UI / ReDoc from jsDelivr and start them with an inline script
+DOCS_CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+            "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+            "font-src https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly; "
+            "worker-src blob:; connect-src 'self'; base-uri 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer")]
+
+
 async def _send_json(send: Any, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
     raw = json.dumps(body).encode()
     hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
@@ -41,56 +61,126 @@ async def _send_json(send: Any, status: int, body: dict[str, Any], headers: dict
     await send({"type": "http.response.body", "body": raw})
 
 
-class Guard:
-    """ASGI middleware: body limit (413) and admission control (503) before the app sees a request."""
+def token_ok(headers: dict[bytes, bytes], token: str) -> bool:
+    """Whether ``Authorization: Bearer <token>`` is there (compared in constant time)."""
+    scheme, _, value = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode("latin-1"), token.encode())
 
-    def __init__(self, app: Any, max_body: int, max_concurrent: int, max_queue: int) -> None:
-        self.app, self.max_body, self.limit = app, max_body, max_concurrent + max_queue
-        self.max_concurrent = max_concurrent
-        self.admitted = 0
-        self.slots: asyncio.Semaphore | None = None  # created in the server's event loop
+
+class Admission:
+    """The compute slots, shared by :class:`Guard` (which admits) and ``GET /health`` (which reports them):
+    ``max_concurrent`` requests compute at once, ``max_queue`` more wait, a further one gets 503."""
+
+    def __init__(self, max_concurrent: int, max_queue: int) -> None:
+        self.max_concurrent, self.max_queue = max_concurrent, max_queue
+        self.admitted = 0  # computing or waiting for a slot
+        self.running = 0
+        self.rejected = 0  # 503s since the start
+        self._slots: asyncio.Semaphore | None = None  # created in the server's event loop
+
+    @property
+    def full(self) -> bool:
+        return self.admitted >= self.max_concurrent + self.max_queue
+
+    def slots(self) -> asyncio.Semaphore:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_concurrent)
+        return self._slots
+
+    def snapshot(self) -> dict[str, int]:
+        return {"in_use": self.running, "max_concurrent": self.max_concurrent,
+                "waiting": self.admitted - self.running, "max_queue": self.max_queue, "rejected": self.rejected}
+
+
+class Guard:
+    """ASGI middleware in front of the app. In this order, so that nothing a client withholds holds a compute
+    slot: the bearer token (401), the declared body size (413), the whole body read under a deadline (413 when
+    too large, 408 when too slow), and only then admission (503 when every slot and queue place is taken).
+    Every response gets the security headers (nosniff, frame DENY, no referrer, a Content-Security-Policy)."""
+
+    def __init__(self, app: Any, config: ServiceConfig, admission: Admission) -> None:
+        self.app, self.cfg, self.admission = app, config, admission
+
+    @staticmethod
+    def _secured(send: Any, path: str) -> Any:
+        csp = DOCS_CSP if path in ("/docs", "/redoc") else CSP
+        extra = [*SECURITY_HEADERS, (b"content-security-policy", csp.encode())]
+
+        async def secured(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        return secured
+
+    async def _read_body(self, receive: Any, send: Any) -> bytes | None:
+        """The whole body (bounded), or None when the client went away or it was too large (answered)."""
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return None  # the client went away
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.cfg.max_body_bytes:
+                await _send_json(send, 413, {"detail": f"request body over {self.cfg.max_body_bytes:,} bytes"},
+                                 {"connection": "close"})
+                return None
+            more = msg.get("more_body", False)
+        return b"".join(chunks)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            await _send_json(send, 413, {"detail": f"request body over {self.max_body:,} bytes"})
+        path = scope["path"]
+        send = self._secured(send, path)
+        if path == "/health":
+            await self.app(scope, receive, send)
             return
-        if self.admitted >= self.limit:
+        headers = dict(scope.get("headers") or [])
+        if self.cfg.token is not None and path not in PUBLIC and not token_ok(headers, self.cfg.token):
+            await _send_json(send, 401, {"detail": "missing or wrong bearer token"},
+                             {"www-authenticate": "Bearer", "connection": "close"})
+            return
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.cfg.max_body_bytes):
+            await _send_json(send, 413, {"detail": f"request body over {self.cfg.max_body_bytes:,} bytes"},
+                             {"connection": "close"})
+            return
+        # read the whole body first, bounded in size (a chunked upload cannot exceed the limit either) and in time
+        try:
+            body = await asyncio.wait_for(self._read_body(receive, send), self.cfg.body_timeout)
+        except TimeoutError:
+            await _send_json(send, 408, {"detail": f"the request body did not arrive within "
+                                                   f"{self.cfg.body_timeout:g} s"}, {"connection": "close"})
+            return
+        if body is None:
+            return
+        adm = self.admission
+        if adm.full:
+            adm.rejected += 1
             await _send_json(send, 503, {"detail": "the service is saturated; retry shortly"}, {"retry-after": "1"})
             return
-        self.admitted += 1
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        adm.admitted += 1
         try:
-            # read the whole body first (bounded), so that a chunked upload cannot exceed the limit either
-            chunks, size, more = [], 0, True
-            while more:
-                msg = await receive()
-                if msg["type"] != "http.request":
-                    return  # the client went away
-                chunks.append(msg.get("body", b""))
-                size += len(chunks[-1])
-                if size > self.max_body:
-                    await _send_json(send, 413, {"detail": f"request body over {self.max_body:,} bytes"})
-                    return
-                more = msg.get("more_body", False)
-            body = b"".join(chunks)
-            sent = False
-
-            async def replay() -> dict[str, Any]:
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
-            if self.slots is None:
-                self.slots = asyncio.Semaphore(self.max_concurrent)
-            async with self.slots:
-                await self.app(scope, replay, send)
+            async with adm.slots():
+                adm.running += 1
+                try:
+                    await self.app(scope, replay, send)
+                finally:
+                    adm.running -= 1
         finally:
-            self.admitted -= 1
+            adm.admitted -= 1
 
 
 def _clean_errors(errors: Any) -> list[dict[str, Any]]:
@@ -110,17 +200,20 @@ def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
     from fastapi.responses import FileResponse, JSONResponse
 
     from palr.serve.api_models import (
+        MAX_QUERY_WORDS,
         CatalogItem,
         Health,
         ItemsResponse,
         RecommendRequest,
         RecommendResponse,
+        Slots,
         UserResponse,
         UsersResponse,
     )
 
     cfg = config or ServiceConfig()
     state: dict[str, Any] = {}
+    admission = Admission(cfg.max_concurrent, cfg.max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -134,11 +227,8 @@ def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
                   description="PALR recommendations: search the catalogue, look up a user, recommend.")
 
     def authorised(request: Request) -> None:
-        if cfg.token is None:
-            return
-        got = request.headers.get("authorization", "")
-        scheme, _, value = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), cfg.token.encode()):
+        # the Guard has checked already; this keeps the endpoints closed if the app is mounted without it
+        if cfg.token is not None and not token_ok(dict(request.scope.get("headers") or []), cfg.token):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(RequestValidationError)
@@ -160,16 +250,19 @@ def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
         return FileResponse(WEB / name, headers={"cache-control": "no-cache"})
 
     @app.get("/health", response_model=Health)
-    def health() -> Health:
+    async def health() -> Health:  # async: answered on the event loop, never waits for a worker thread
         p = state["palr"]
-        return Health(status="ok", run=str(p.run), dataset=p.split.dataset.name, users=p.split.dataset.n_users,
-                      items=p.split.dataset.n_items, max_k=p.max_k, auth=cfg.token is not None)
+        return Health(status="saturated" if admission.full else "ok", run=Path(p.run).name,
+                      dataset=p.split.dataset.name, users=p.split.dataset.n_users, items=p.split.dataset.n_items,
+                      max_k=p.max_k, auth=cfg.token is not None, slots=Slots(**admission.snapshot()))
 
     api = [Depends(authorised)]
 
     @app.get("/items", response_model=ItemsResponse, dependencies=api)
     def items(q: str = Query("", max_length=200, description="Words that must all appear in the title."),
               limit: int = Query(20, ge=1, le=100)) -> ItemsResponse:
+        if len(set(q.lower().split())) > MAX_QUERY_WORDS:
+            raise HTTPException(422, f"a search holds at most {MAX_QUERY_WORDS} different words")
         p = state["palr"]
         total, hits = p.search(q, limit)
         return ItemsResponse(query=q, total=total, items=[catalog_item(p, i) for i in hits])
@@ -203,14 +296,25 @@ def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
         except PalrError as e:
             raise HTTPException(400, str(e)) from None
 
-    if cfg.cors_origins:
+    app.add_middleware(Guard, config=cfg, admission=admission)
+    if cfg.cors_origins:  # added last, so outermost: preflights never need the token, and a 401 carries CORS
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"])
-    app.add_middleware(Guard, max_body=cfg.max_body_bytes, max_concurrent=cfg.max_concurrent,
-                       max_queue=cfg.max_queue)
     return app
+
+
+def uvicorn_config(app: Any, config: ServiceConfig | None = None, **overrides: Any) -> Any:
+    """uvicorn's settings for the service: idle keep-alive connections closed after ``keep_alive`` s, at most
+    ``max_connections`` open connections (more get 503), headers of at most 16 KiB, no server banner."""
+    import uvicorn
+
+    cfg = config or ServiceConfig()
+    kw: dict[str, Any] = {"host": cfg.host, "port": cfg.port, "log_level": "info", "timeout_keep_alive": cfg.keep_alive,
+                          "limit_concurrency": cfg.max_connections, "h11_max_incomplete_event_size": 16 * 1024,
+                          "server_header": False, "lifespan": "on"}
+    return uvicorn.Config(app, **(kw | overrides))
 
 
 def serve(run: "str | Path", config: ServiceConfig | None = None, data_dir: "str | Path | None" = None,
@@ -226,7 +330,7 @@ def serve(run: "str | Path", config: ServiceConfig | None = None, data_dir: "str
 
     # load before serving: an incomplete or mismatched run is a PalrError (message, exit 2), not a uvicorn traceback
     loaded = PALR.load(run, data_dir, llm=llm, allow_fallback=allow_fallback)
-    uvicorn.run(create_app(loaded, data_dir, cfg), host=cfg.host, port=cfg.port, log_level="info")
+    uvicorn.Server(uvicorn_config(create_app(loaded, data_dir, cfg), cfg)).run()
 
 
-__all__ = ["Guard", "ServiceConfig", "create_app", "serve"]
+__all__ = ["Admission", "Guard", "ServiceConfig", "create_app", "serve", "uvicorn_config"]
