@@ -298,3 +298,29 @@ def test_model_server_streams_to_the_openai_client() -> None:
         assert chunks[-1].choices[0].finish_reason == "stop"
         whole = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "y"}])
         assert whole.choices[0].message.content == "Answer to y: one two  three"
+
+
+def test_the_page_works_under_its_content_security_policy(loaded) -> None:
+    """The page in headless chromium (skipped without one): no CSP violation, the search and a ranking work."""
+    import shutil
+
+    exe = next((p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))), None)
+    if exe is None:
+        pytest.skip("no chromium installed")
+    from playwright.sync_api import sync_playwright
+
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+    with serve(loaded) as base, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=flags, headless=True)
+        try:
+            page = browser.new_page()
+            console: list[str] = []
+            page.on("console", lambda m: console.append(m.text))
+            page.on("pageerror", lambda e: console.append(str(e)))
+            page.goto(f"{base}/?user=1")
+            page.wait_for_selector("#recs tbody tr", timeout=30_000)
+            page.fill("#search", "star wars")
+            page.wait_for_selector("#search-results li button", timeout=10_000)
+            assert not [m for m in console if "Content Security Policy" in m or "Refused to" in m], console
+        finally:
+            browser.close()
