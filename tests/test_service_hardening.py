@@ -115,9 +115,37 @@ def test_idle_half_sent_bodies_hold_no_slot(loaded) -> None:
                 s.close()
 
 
-def test_a_slow_body_is_cut_with_408(loaded) -> None:
+def test_slow_heads_and_bodies_are_cut(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = loaded.recommend
+
+    def slow(*a: Any, **kw: Any) -> Any:  # computing takes longer than the deadline: that is not the client's fault
+        time.sleep(1.5)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loaded, "recommend", slow)
     with serve(loaded, token=TOKEN, body_timeout=0.5) as base:
         port = int(base.rsplit(":", 1)[1])
+        # a client sending its headers a byte at a time is closed once the deadline passes
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        t0 = time.monotonic()
+        closed = False
+        while not closed and time.monotonic() - t0 < 8:
+            try:
+                s.sendall(b"X")  # never ends the head
+                closed = s.recv(1, socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:  # nothing to read: still open
+                pass
+            except OSError:  # reset, broken pipe: closed
+                closed = True
+            time.sleep(0.05)
+        took = time.monotonic() - t0
+        s.close()
+        assert closed and 0.3 < took < 5, took
+        # one keep-alive connection: a request computed past the deadline, then another, both answered
+        with httpx.Client(base_url=base, headers=AUTH, timeout=30) as client:
+            for _ in range(2):
+                assert client.post("/recommend", json={"user": "1", "k": 3}).status_code == 200
         s = half_sent_post(port)
         t0 = time.monotonic()
         answer = b""

@@ -433,7 +433,8 @@ class ServiceConfig:
     max_concurrent: int = field(default=4, metadata=opt("Requests computed at once."))
     max_queue: int = field(default=64, metadata=opt("Requests waiting for a slot; more get 503."))
     body_timeout: float = field(default=10.0, metadata=opt(
-        "Seconds a client has to send its whole request body (408 after); a slow body never holds a slot."))
+        "Seconds a client has to send a request's headers (closed after), and again its body (408 after); "
+        "a slow client never holds a compute slot."))
     keep_alive: int = field(default=5, metadata=opt("Seconds an idle keep-alive connection stays open."))
     max_connections: int = field(default=512, metadata=opt(
         "Open connections at most (uvicorn's limit_concurrency); a further request gets 503."))

@@ -13,8 +13,9 @@ whole under a deadline (408 after ``body_timeout`` s), and only then admission: 
 computed at once, ``max_queue`` more wait, any further one gets 503 at once; so a client that withholds its body,
 or has no token, never holds a compute slot. ``GET /health`` reports the slots in use (and never the run's path).
 Request cost is bounded before any work: field limits, at most 100 titles of 200 characters (12,000 in all),
-``k`` in 1..candidates, at most 10 search words (422); error messages never echo large input. uvicorn closes idle
-keep-alive connections after ``keep_alive`` s and holds at most ``max_connections``. Every response carries
+``k`` in 1..candidates, at most 10 search words (422); error messages never echo large input. Under uvicorn
+(:func:`uvicorn_config`) a connection that sends no whole request head within ``body_timeout`` s is closed, idle
+keep-alive connections after ``keep_alive`` s, and at most ``max_connections`` are open. Every response carries
 ``X-Content-Type-Options: nosniff``, ``X-Frame-Options: DENY``, ``Referrer-Policy: no-referrer`` and a
 Content-Security-Policy (the page loads only its own script and style). CORS is off unless origins are given.
 """
@@ -305,15 +306,55 @@ def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
     return app
 
 
+def _header_deadline_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol with a deadline on request heads: a connection that has not sent a whole request
+    head ``seconds`` after it opened (or after its last response) is closed. uvicorn's keep-alive timer alone is
+    reset by every byte, so a client sending its headers a byte at a time would hold a connection forever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineProtocol(H11Protocol):  # type: ignore[misc]
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(seconds, self._head_late)
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            busy = self.cycle is not None and not self.cycle.response_complete
+            if not busy and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()  # no request head (or only part of one) within the deadline
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            super().connection_lost(exc)
+
+    return HeaderDeadlineProtocol
+
+
 def uvicorn_config(app: Any, config: ServiceConfig | None = None, **overrides: Any) -> Any:
-    """uvicorn's settings for the service: idle keep-alive connections closed after ``keep_alive`` s, at most
-    ``max_connections`` open connections (more get 503), headers of at most 16 KiB, no server banner."""
+    """uvicorn's settings for the service: request heads due within ``body_timeout`` s (the connection is closed
+    otherwise), idle keep-alive connections closed after ``keep_alive`` s, at most ``max_connections`` open
+    connections (more get 503), heads of at most 16 KiB, no server banner."""
     import uvicorn
 
     cfg = config or ServiceConfig()
     kw: dict[str, Any] = {"host": cfg.host, "port": cfg.port, "log_level": "info", "timeout_keep_alive": cfg.keep_alive,
                           "limit_concurrency": cfg.max_connections, "h11_max_incomplete_event_size": 16 * 1024,
-                          "server_header": False, "lifespan": "on"}
+                          "server_header": False, "lifespan": "on", "http": _header_deadline_protocol(cfg.body_timeout)}
     return uvicorn.Config(app, **(kw | overrides))
 
 
