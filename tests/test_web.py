@@ -72,8 +72,8 @@ def test_page_shows_profile_and_recommended_titles(browser, tiny_ml100k_run: dic
         assert "Star Wars (1977)" in page.inner_text("#search-results")
         page.click("#search-results li button")
         page.click("#recommend-history")
-        page.wait_for_function("document.querySelector('#profile-title').textContent === 'Your history'",
-                               timeout=30_000)
+        # a selector, not wait_for_function: the page's CSP forbids eval, which wait_for_function's polling uses
+        page.wait_for_selector("#profile-title:text-is('Your history')", timeout=30_000)
         page.wait_for_selector("#recs tbody tr")
         assert "Star Wars (1977)" in page.inner_text("#seen-box") or page.locator("#seen li").count() == 1
         titles = page.locator("#recs tbody td.title > div:first-child").all_inner_texts()
