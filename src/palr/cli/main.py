@@ -147,6 +147,10 @@ def evaluate(cfg: C.EvaluateConfig) -> None:
                               f"fell back; {counts['request_failures']} failed requests; "
                               f"profiles: {counts['profiler']} ({counts['profile_fallbacks']} fallbacks)",
                               highlight=False, markup=False)
+            cr = {k: v for k, v in doc.get("candidate_recall", {}).items() if k != "sources"}
+            if len(cr) > 1:
+                console.print("candidate recall (test): " + ", ".join(f"{k} {v:.4f}" for k, v in cr.items()),
+                              highlight=False, markup=False)
         else:
             from palr.retrieval.load import load_run
             from palr.train.retriever import evaluate_models
@@ -282,8 +286,14 @@ def finetune(cfg: C.FinetuneCommand) -> None:
         t = cfg.train
         fcfg = FeatureRankerConfig(n_candidates=t.examples.n_candidates, seed=t.seed, holdout=t.holdout,
                                    text_encoder=t.text_encoder)
-        path = train_feature_run(cfg.run, cfg.out, fcfg, data_dir=cfg.data_dir)
+        path = train_feature_run(cfg.run, cfg.out, fcfg, data_dir=cfg.data_dir, sources=t.sources)
         m = json.loads((path / "metrics.json").read_text())["valid"]
+        if "holdout_ndcg@10_without_llm" in m:  # merged candidates: the trees with every source's features
+            console.print(escape(f"saved feature-ranker run {path} in {m['total_seconds']:.0f} s; held-out validation "
+                                 f"NDCG@10 {m['holdout_ndcg@10_without_llm']:.4f} (retriever "
+                                 f"{m['holdout_ndcg@10_retriever']:.4f}, {m['rounds_without_llm']} rounds); candidate "
+                                 f"recall (valid): {m['candidate_recall']}"))
+            return
         console.print(escape(f"saved feature-ranker run {path} in {m['total_seconds']:.0f} s; held-out validation "
                              f"NDCG@10 {m['holdout_ndcg@10']:.4f} (retriever {m['holdout_ndcg@10_retriever']:.4f}, "
                              f"{m['rounds']} rounds, text: {m['text_encoder']})"))

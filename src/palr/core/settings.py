@@ -331,6 +331,13 @@ class FinetuneConfig:
     text_encoder: Literal["auto", "minilm", "tfidf"] = field(default="auto", metadata=opt(
         "Item text embeddings (feature ranker, hybrid init): auto (MiniLM if palr[text] is installed, else "
         "TF-IDF), minilm, tfidf."))
+    sources: str = field(default="", metadata=opt(
+        "Candidates merged from several retrievers, e.g. itemknn:10,popularity:5 (text:N with palr[text]): each "
+        "source adds that many new items, taken out of --candidates; every source's score and rank become ranker "
+        "features. Empty: the retriever's top-K alone."))
+    stacked: bool = field(default=True, metadata=opt(
+        "Also fit the stacked ranker (the LLM's candidate scores as features of the trees, with its twin without "
+        "them); it ranks when held-out validation users prefer it."))
     pretrain_epochs: int = field(default=3, metadata=opt("Mini: next-item pretraining epochs first."))
     profiles: bool = field(default=True, metadata=opt("Put the user profile in prompts."))
     profiler: str = field(default="attributes", metadata=opt(

@@ -32,6 +32,9 @@ from palr.rank.llm_ranker import (
 )
 from palr.rank.pipeline import PALR
 from palr.rank.protocol import LLM, Ranker, palr_label
+from palr.rank.stacked import NO_LLM_LABEL
+
+UNUSED_STACKED_LABEL = "stacked ranker with LLM features (not chosen on held-out users)"
 from palr.runs.card import write_model_card
 from palr.runs.store import dataset_info
 
@@ -68,6 +71,14 @@ def _llm_alone(lp: np.ndarray, failed: np.ndarray, cands: np.ndarray, cscores: n
     return fused
 
 
+def merged_candidates(palr: PALR, hist: list[np.ndarray], users: np.ndarray, batch: int = 512,
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The run's merged candidate lists (and the retriever's scores of them) for ``hist``, in batches."""
+    assert palr.sources is not None
+    parts = [palr.sources.merge(hist[s:s + batch], users[s:s + batch]) for s in range(0, len(hist), batch)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def choose_zero_shot_weight(palr: PALR, n_users: int, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Fusion kind and weight for a zero-shot LLM, chosen on ``n_users`` seeded **validation** users."""
 
@@ -79,7 +90,7 @@ def choose_zero_shot_weight(palr: PALR, n_users: int, seed: int = 0, progress: b
     inner = palr.ranker.llm_ranker
     if inner is None:
         raise PalrError("this run ranks without an LLM: there is no LLM weight to choose")
-    _, lp, failed, _, secs = _rank_all(inner, hist, palr.profiles.texts(hist), cands, cscores, users, progress,
+    _, lp, failed, _, secs = _rank_all(inner, hist, palr.profiles.texts(hist, users), cands, cscores, users, progress,
                                        "LLM ranking (valid)", weight=0.0)
 
     lp = floor_missing(lp)
@@ -117,8 +128,11 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     targets = split.targets(stage)[sel]  # type: ignore[arg-type]
     cands = retr["candidates"]
     cscores = retr["candidate_scores"]
+    retr_hit = np.array([t in row for row, t in zip(cands, targets)], dtype=bool)
+    if palr.sources is not None:  # candidates merged from several retrievers: the list the ranker reorders
+        cands, cscores = merged_candidates(palr, hist, sel, retr_bs)
     t0 = time.perf_counter()
-    profiles = palr.profiles.texts(hist)
+    profiles = palr.profiles.texts(hist, sel)
     prof_s = time.perf_counter() - t0
     K = cands.shape[1]
     ranker = palr.ranker
@@ -137,7 +151,18 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     part = {"order": order, "ranks": ranks_part,
             "hit": np.array([t in row for row, t in zip(cands, targets)], dtype=bool),
             "retr_ranks": retr["ranks"], "retr_predictions": retr["predictions"], "targets": targets,
-            "failed": failed_mask, "invalid": invalid}
+            "failed": failed_mask, "invalid": invalid, "retr_hit": retr_hit}
+    # the stacked ranker (LLM scores as tree features) against its twin without them: same candidates, same users
+    stacked = getattr(ranker, "without_llm", None) is not None and ranker.llm_ranker is not None
+    unused = getattr(palr, "unused_stacked", None)
+    if unused is not None and len(hist):  # in the run but not chosen on held-out users: measured all the same
+        full_u, _, _, _, _ = _rank_all(unused, hist, profiles, cands, cscores, sel, show, f"stacked ({stage})")
+        part["unused_ranks"] = positional_ranks(full_u, cands, targets)
+    twin_ranker = (ranker if stacked else unused).without_llm() if (stacked or unused is not None) else None
+    if twin_ranker is not None and len(hist):
+        twin, _, _, _, _ = _rank_all(twin_ranker, hist, profiles, cands, cscores, sel, show,
+                                     f"without LLM features ({stage})")
+        part["twin_ranks"] = positional_ranks(twin, cands, targets)
     if with_llm:
         assert inner is not None
         lp_alone, failed_alone = lp, failed_mask
@@ -163,7 +188,8 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
     retr_name = palr.retriever_name
     llm_ranks = g.get("llm_ranks", np.zeros(0, np.int64))
     results = {
-        f"{retr_name} (retriever)": {stage: {**metrics_from_ranks(g["retr_ranks"], ks), f"Recall@{K}": float(hit.mean())}},
+        f"{retr_name} (retriever)": {stage: {**metrics_from_ranks(g["retr_ranks"], ks),
+                                             f"Recall@{K}": float(g["retr_hit"].mean())}},
         "PALR (end to end)": {stage: {**metrics_from_ranks(ranks, ks), f"Recall@{K}": float(hit.mean())}},
         "LLM alone (end to end)": {stage: {**metrics_from_ranks(llm_ranks, ks), f"Recall@{K}": float(hit.mean())}},
         "PALR (target retrieved)": {stage: metrics_from_ranks(ranks[hit], ks)},
@@ -186,12 +212,31 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
         for d in (results, per_user_ranks):
             d.pop("LLM alone (end to end)")
         pairs = [p for p in pairs if p[0] != "LLM alone (end to end)"]
+    ranked_by: dict[str, str] = {}
+    if "twin_ranks" in g:  # the LLM's contribution: the same trees, same candidates, same users, without LLM features
+        tr = g["twin_ranks"]
+        results[NO_LLM_LABEL] = {stage: {**metrics_from_ranks(tr, ks), f"Recall@{K}": float(hit.mean())}}
+        per_user_ranks[NO_LLM_LABEL] = {stage: tr}
+        ranked_by[NO_LLM_LABEL] = "trees (no LLM features)"
+        full = "PALR (end to end)"
+        if "unused_ranks" in g:
+            full = UNUSED_STACKED_LABEL
+            results[full] = {stage: {**metrics_from_ranks(g["unused_ranks"], ks), f"Recall@{K}": float(hit.mean())}}
+            per_user_ranks[full] = {stage: g["unused_ranks"]}
+            ranked_by[full] = unused.label  # type: ignore[union-attr]
+            pairs.append((full, f"{retr_name} (retriever)"))
+        pairs = [(full, NO_LLM_LABEL), *pairs, (NO_LLM_LABEL, f"{retr_name} (retriever)")]
     pairs = [(a, b) for a, b in pairs if len(per_user_ranks[a][stage])]  # no target retrieved: nothing to pair
-    ranked_by = {f"{retr_name} (retriever)": retr_name, "PALR (end to end)": palr_label(ranker),
-                 "PALR (target retrieved)": palr_label(ranker), f"{retr_name} (target retrieved)": retr_name}
+    ranked_by.update({f"{retr_name} (retriever)": retr_name, "PALR (end to end)": palr_label(ranker),
+                      "PALR (target retrieved)": palr_label(ranker), f"{retr_name} (target retrieved)": retr_name})
+    candidate_recall: dict[str, Any] = {f"{retr_name}@{K}": float(g["retr_hit"].mean())}
+    if palr.sources is not None:
+        candidate_recall[f"merged@{K}"] = float(hit.mean())
+        candidate_recall["sources"] = palr.sources.counts
     if with_llm:
         ranked_by["LLM alone (end to end)"] = f"{LLM} alone (weight 0)"
     return {"results": results, "ranked_by": ranked_by, "consulted": list(ranker.components),
+            "candidate_recall": candidate_recall,
             "llm_order": g.get("llm_order"),
             "timings": timings, "order": g["order"], "retriever_predictions": g["retr_predictions"],
             "users": everyone, "targets": g["targets"], "ranks": per_user_ranks,
@@ -268,7 +313,8 @@ def evaluate_palr_run(run: str | Path, out: str | Path | None = None, prediction
            "dataset": dataset_info(split.dataset), "results": ev["results"], "ranked_by": ev["ranked_by"],
            "comparisons": ev["comparisons"], "statistics": statistics_protocol(), "timings": ev["timings"],
            "llm_failures": ev["llm_failures"], "llm_failure_share": round(ev["llm_failures"] / max(n, 1), 4),
-           "invalid_generations": ev["invalid_generations"], "llm": counts}
+           "invalid_generations": ev["invalid_generations"], "llm": counts,
+           "candidate_recall": ev["candidate_recall"]}
     if selection is not None:
         doc["fusion_selection"] = selection
     if out:

@@ -4,6 +4,8 @@
 
 * ``"ranker": "features"``: the feature trees alone (``ranker_dir``); no LLM.
 * otherwise the LLM ranker over the run's (or the given) LLM, ``weight``/``fusion`` fusing the retriever's prior;
+* with ``"stacked": {"dir", "chosen": true}`` the stacked ranker (:mod:`palr.rank.stacked`: the LLM's scores as
+  features of the trees), under the same conditions as the fused one below;
 * and with ``"features": {"dir", "weight"}`` (a fine-tuned run whose trees + LLM beat LLM + retriever on the
   held-out users) the trees + ``weight`` x LLM, unless another LLM replaces the run's own (``--llm``), the ranking
   is generative, or ``features=False``.
@@ -21,7 +23,9 @@ from palr.llm.registry import load_llm
 from palr.rank.fusion import FusedRanker
 from palr.rank.llm_ranker import LLMRanker, RankingConfig
 from palr.rank.protocol import Ranker
+from palr.rank.stacked import StackedRanker
 from palr.rank.trees import FeatureRanker
+from palr.retrieval.candidates import CandidateSources
 
 MODES = ("verbalizer", "generative")
 
@@ -60,13 +64,16 @@ def load_ranking_llm(run: Path, rc: RankingConfig, device: str = "auto") -> tupl
 
 
 def build_ranker(run: str | Path, ranking: dict[str, Any], catalog: Any, *, options: RankOptions | None = None,
-                 llm: Any = None, retriever: str = "retriever") -> Ranker:
+                 llm: Any = None, retriever: str = "retriever", sources: CandidateSources | None = None) -> Ranker:
     """The ranker ``ranking`` (a run's ``ranking.json``, overrides applied) describes.
 
     ``llm``: an LLM already loaded (else the one the ranking names is loaded here); ``catalog``: the data set's
-    catalogue (prompts); ``retriever``: the retriever's name (labels)."""
+    catalogue (prompts); ``retriever``: the retriever's name (labels); ``sources``: the run's merged candidate
+    sources (``"candidates"`` in ranking.json), whose scores and ranks the stacked ranker reads."""
     run, opts = Path(run), options or RankOptions()
     if ranking.get("ranker") == "features":  # the feature re-ranker: no LLM, no profiles
+        if ranking.get("stacked"):  # over merged candidates: the stacked trees without LLM features
+            return StackedRanker.load(run / ranking["stacked"]["dir"], None, sources)
         return FeatureRanker.load(run / ranking["ranker_dir"])
     rc = RankingConfig.from_dict(ranking)
     if llm is None:
@@ -77,6 +84,9 @@ def build_ranker(run: str | Path, ranking: dict[str, Any], catalog: Any, *, opti
     ranker = LLMRanker(llm, builder, mode=opts.mode or rc.mode, weight=rc.weight,  # type: ignore[arg-type]
                        batch_size=64 if rc.style == "tokens" else 8, fusion=rc.fusion,
                        allow_fallback=opts.allow_fallback, retriever=retriever, chosen_on=chosen_on)
+    stacked = ranking.get("stacked") or {}
+    if stacked.get("chosen") and opts.features and not opts.llm and ranker.mode == "verbalizer":
+        return StackedRanker.load(run / stacked["dir"], ranker, sources)
     feats = ranking.get("features")
     if feats and opts.features and not opts.llm and ranker.mode == "verbalizer":
         return FusedRanker(ranker, FeatureRanker.load(run / feats["dir"]), float(feats["weight"]),
@@ -84,4 +94,18 @@ def build_ranker(run: str | Path, ranking: dict[str, Any], catalog: Any, *, opti
     return ranker
 
 
-__all__ = ["MODES", "RankOptions", "build_ranker", "load_ranking_llm"]
+def unused_stacked(run: str | Path, ranking: dict[str, Any], ranker: Ranker, sources: CandidateSources | None = None,
+                   options: RankOptions | None = None) -> StackedRanker | None:
+    """The run's stacked ranker (LLM scores as tree features) when held-out users did not choose it: the evaluation
+    still measures it against its twin. None when the run has none, or ranks with it, or another LLM replaces the
+    run's own."""
+    opts = options or RankOptions()
+    stacked = ranking.get("stacked") or {}
+    inner = ranker.llm_ranker
+    if (not stacked or stacked.get("chosen") or not stacked.get("llm_features") or inner is None or opts.llm
+            or not opts.features or inner.mode != "verbalizer"):
+        return None
+    return StackedRanker.load(Path(run) / stacked["dir"], inner, sources)
+
+
+__all__ = ["MODES", "RankOptions", "build_ranker", "load_ranking_llm", "unused_stacked"]

@@ -14,7 +14,8 @@ candidates from the retriever, :meth:`CandidateFeatures.transform` gives one row
   256 dimensions by a seeded random projection (documented fallback; ``text_encoder`` says which);
 * attributes: share of the candidate's tags among the recent history's tags; year gap (movies);
 * popularity: log count in training, and among the last 3 training items of every user (what is popular now);
-* the user: log history length and numeric user attributes (ml-100k's age; gender as 0/1).
+* the user: log history length and user attributes (ml-100k's age; gender as 0/1; occupation as a category
+  code: a string attribute with 3 to 64 values).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 TEXT_RECENT = 10  # history items the text similarity looks at
 TAG_RECENT = 10
+MAX_USER_LEVELS = 64  # a string user attribute with more values (a zip code) is no feature
 
 
 def text_embeddings(catalog: Catalog, encoder: str = "auto", dim: int = 256, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -104,6 +106,10 @@ def user_attribute_matrix(dataset: Dataset) -> tuple[np.ndarray, list[str]]:
         if len(levels) == 2:
             cols.append([np.nan if v is None else float(str(v) == levels[1]) for v in vals])
             names.append(f"user_{k}={levels[1]}")
+        elif 2 < len(levels) <= MAX_USER_LEVELS and k.lower() not in ("zip", "zip_code", "zipcode", "postcode"):
+            code = {lv: float(j) for j, lv in enumerate(levels)}  # a category code (ml-100k's 21 occupations)
+            cols.append([np.nan if v is None else code[str(v)] for v in vals])
+            names.append(f"user_{k}#code")
     return (np.array(cols, np.float32).T if cols else np.zeros((dataset.n_users, 0), np.float32)), names
 
 

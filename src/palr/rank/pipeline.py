@@ -21,11 +21,12 @@ from palr.data import Split, load_split
 from palr.data.titles import match_titles
 from palr.rank.explain import explain_items, explain_popular
 from palr.rank.explain import llm_explanations as written
-from palr.rank.factory import RankOptions, build_ranker
+from palr.rank.factory import RankOptions, build_ranker, unused_stacked
 from palr.rank.llm_ranker import RankingConfig
 from palr.rank.profiles import AttributeProfiler, HistoryProfiles, ProfileCache, make_profiler
 from palr.rank.protocol import Ranker
 from palr.retrieval.base import load_retriever
+from palr.retrieval.candidates import CandidateSources
 from palr.retrieval.load import load_run
 from palr.runs.store import check_dataset, read_run, run_data_spec
 
@@ -82,8 +83,10 @@ class PALR:
     """
 
     def __init__(self, run: Path, config: dict[str, Any], split: Split, retriever: Any, ranker: Ranker,
-                 ranking: dict[str, Any], profiles: Any = None) -> None:
+                 ranking: dict[str, Any], profiles: Any = None, sources: CandidateSources | None = None) -> None:
         self.run, self.config, self.split, self.retriever, self.ranker, self.ranking = run, config, split, retriever, ranker, ranking
+        self.sources = sources  # candidates merged from several retrievers (None: the retriever's top-K)
+        self.unused_stacked: Any = None  # the run's stacked ranker when held-out users did not choose it
         if profiles is None:
 
             profiles = HistoryProfiles(split.dataset.name, split.dataset.catalog, AttributeProfiler(),
@@ -108,12 +111,15 @@ class PALR:
             check_dataset(cfg, split.dataset, run)
             raw = json.loads((run / "ranking.json").read_text())
             retriever = load_retriever(run / "retriever")
+            sources = (CandidateSources.load(run / raw["candidates"]["dir"], retriever)
+                       if raw.get("candidates") else None)
         elif kind == "retriever":
             if not opts.llm:
                 raise PalrError(f"{run} is a retriever run: give --llm SPEC to rank its candidates with an LLM "
                                 "(zero-shot), or use a PALR run (palr finetune)")
 
             cfg, retriever, split = load_run(run, data_dir)
+            sources = None
             raw = {**asdict(RankingConfig(style="text", n_candidates=20)), "zero_shot": True}
         else:
             raise PalrError(f"{run} is a {kind!r} run; recommend/evaluate/serve need a PALR or retriever run")
@@ -125,10 +131,11 @@ class PALR:
             raw["weight"] = float(opts.weight)
         if opts.profiler:
             raw["profiler"] = opts.profiler
-        ranker = build_ranker(run, raw, split.dataset.catalog, options=opts, retriever=_retriever_name(cfg))
+        ranker = build_ranker(run, raw, split.dataset.catalog, options=opts, retriever=_retriever_name(cfg),
+                              sources=sources)
         raw["ranked_by"] = ranker.label
         if ranker.llm_ranker is None:  # the feature trees alone: no LLM, no LLM profiles
-            return cls(run, cfg, split, retriever, ranker, raw)
+            return cls(run, cfg, split, retriever, ranker, raw, sources=sources)
         model = ranker.llm_ranker.llm
         profile_cache = opts.profile_cache
         if profile_cache is None and kind == "palr" and (run / "profiles.sqlite").is_file():
@@ -136,9 +143,13 @@ class PALR:
         cache = ProfileCache(profile_cache) if profile_cache else None
         rc = RankingConfig.from_dict(raw)
         prof = make_profiler(spec=rc.profiler, ranking_llm=model, allow_fallback=opts.allow_fallback)
-        profiles = HistoryProfiles(split.dataset.name, split.dataset.catalog, prof, cache, enabled=rc.profiles)
+        profiles = HistoryProfiles(split.dataset.name, split.dataset.catalog, prof, cache, enabled=rc.profiles,
+                                   user_attributes=split.dataset.user_attributes if raw.get("user_attributes")
+                                   else None)
         raw["llm_name"] = getattr(model, "name", rc.llm_spec(run)[0])
-        return cls(run, cfg, split, retriever, ranker, raw, profiles)
+        palr = cls(run, cfg, split, retriever, ranker, raw, profiles, sources=sources)
+        palr.unused_stacked = unused_stacked(run, raw, ranker, sources, opts)
+        return palr
 
     # -------------------------------------------------------------------- helpers
     @property
@@ -149,11 +160,20 @@ class PALR:
     def retriever_name(self) -> str:
         return _retriever_name(self.config)
 
-    def profile_text(self, history: Sequence[int]) -> str | None:
+    def profile_text(self, history: Sequence[int], user: int | None = None) -> str | None:
+        """The profile the ranker reads; ``user`` (a data set row) adds the user's attributes where the run does."""
+        if user is not None:
+            return self.profiles(history, user)
         return self.profiles(history)
 
-    def candidates(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        return top_k(self.retriever.score(list(histories)), histories, self.ranking["n_candidates"])
+    def candidates(self, histories: Sequence[np.ndarray], users: np.ndarray | None = None,
+                   k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The candidate lists the ranker reorders: merged from the run's sources, or the retriever's top-K."""
+        k = self.ranking["n_candidates"] if k is None else k
+        if self.sources is not None and k == self.sources.size:
+            cands, scores, _ = self.sources.merge(histories, users)
+            return cands, scores
+        return top_k(self.retriever.score(list(histories)), histories, k, users=users)
 
     def llm_counts(self) -> dict[str, Any]:
         """What ranks (``ranker``: the ranker's label) and the LLM's failures and fallbacks so far (ranking and
@@ -255,9 +275,10 @@ class PALR:
         if left == 0:
             return Recommendation(user, self.profile_text(hist) or "", [], notes,
                                   {**self.llm_counts(), "ranked_by": "nothing to rank", "consulted": []}, match_docs)
-        cands, cscores = top_k(self.retriever.score([hist]), [hist], min(self.ranking["n_candidates"], left))
-        profile = self.profile_text(hist)
         u = np.array([self.split.dataset.user_index(user)]) if user is not None and history is None else None
+        cands, cscores = self.candidates([hist], u if self.sources is not None else None,
+                                         min(self.ranking["n_candidates"], left))
+        profile = self.profile_text(hist, None if u is None else int(u[0]))
         res = self.ranker.rank([hist], [profile], cands, cscores, users=u)
         if res.failed[0]:
             notes.append(f"the LLM failed for this user: ranked by {res.ranked_by(0)}")

@@ -108,8 +108,10 @@ class AttributeProfiler:
 
     name = "attributes"
 
-    def __init__(self, top_k: int = 3, recent: int = 5, min_share: float = 0.1) -> None:
+    def __init__(self, top_k: int = 3, recent: int = 5, min_share: float = 0.1,
+                 user_attributes: dict[str, dict[str, Any]] | None = None) -> None:
         self.top_k, self.recent, self.min_share = top_k, recent, min_share
+        self.user_attributes = user_attributes or {}  # original user id -> attributes (ml-100k's u.user)
 
     @staticmethod
     def _keyword(catalog: Catalog, tag: str) -> str:
@@ -176,6 +178,10 @@ class AttributeProfiler:
             recent_tags = sorted(lately, key=lambda t: (-lately[t], -pos[t], t))[:2]
             parts.append("lately: " + ", ".join(clean_text(t).lower() for t in recent_tags))
         text = "; ".join(parts) if parts else "no genre or category information"
+        who = user_attribute_text(self.user_attributes.get(str(user)))
+        if who:
+            text = f"{text}; {who}"
+            keywords.append(who)
         return Profile(str(user), text, "attributes", keywords, history_hash=h, n_history=n, shares=shares)
 
     def profile_many(self, users: Sequence[str], histories: Sequence[Sequence[int]],
@@ -453,7 +459,8 @@ class HistoryProfiles:
     unbounded, it grew with every request); safe to call from several threads."""
 
     def __init__(self, dataset_name: str, catalog: Catalog, profiler: Profiler, cache: ProfileCache | None = None,
-                 enabled: bool = True, memo_size: int = MEMO_SIZE) -> None:
+                 enabled: bool = True, memo_size: int = MEMO_SIZE,
+                 user_attributes: Sequence[dict[str, Any]] | None = None) -> None:
         if memo_size < 1:
             raise ValueError(f"memo_size must be at least 1, got {memo_size}")
         self.dataset_name, self.catalog, self.profiler, self.cache, self.enabled = (
@@ -461,6 +468,8 @@ class HistoryProfiles:
         self.memo_size = memo_size
         self._memo: OrderedDict[str, Profile] = OrderedDict()
         self._lock = threading.Lock()
+        # per user row of the data set (ml-100k: age, gender, occupation): a known user's profile ends with them
+        self.user_attributes = list(user_attributes) if user_attributes else None
         self.llm_profiles = self.fallbacks = 0
 
     def _recall(self, hh: str) -> Profile | None:
@@ -513,11 +522,48 @@ class HistoryProfiles:
                 self.cache.put(self.dataset_name, self.profiler.name, made)
         return [found[hh] for hh in hashes]
 
-    def texts(self, histories: Sequence[Sequence[int]]) -> list[str | None]:
-        return [p.profile if p is not None else None for p in self.profiles(histories)]
+    def texts(self, histories: Sequence[Sequence[int]], users: Sequence[int] | None = None) -> list[str | None]:
+        """Profile texts; with ``users`` (rows of the data set, -1 or None = unknown) and user attributes in the
+        data, each known user's text ends with "; user (...)" (:func:`user_attribute_text`)."""
+        out = [p.profile if p is not None else None for p in self.profiles(histories)]
+        if users is None or not self.user_attributes:
+            return out
+        for k, u in enumerate(users):
+            if out[k] is not None and u is not None and 0 <= int(u) < len(self.user_attributes):
+                extra = user_attribute_text(self.user_attributes[int(u)])
+                if extra:
+                    out[k] = f"{out[k]}; {extra}"
+        return out
 
-    def __call__(self, history: Sequence[int]) -> str | None:
-        return self.texts([history])[0]
+    def __call__(self, history: Sequence[int], user: int | None = None) -> str | None:
+        return self.texts([history], None if user is None else [user])[0]
+
+
+USER_ATTRIBUTE_ORDER = ("age", "gender", "occupation")  # first, in this order; other short attributes follow
+USER_ATTRIBUTE_SKIP = ("zip", "zip_code", "zipcode", "postcode")  # identifying, not a taste
+
+
+def user_attribute_text(attrs: dict[str, Any] | None) -> str:
+    """``{"age": 24, "gender": "M", "occupation": "technician"}`` -> ``"user (age 24, male, technician)"``
+    ("" without attributes). Values longer than 40 characters and zip codes are left out."""
+    if not attrs:
+        return ""
+    keys = [k for k in USER_ATTRIBUTE_ORDER if k in attrs] + sorted(
+        k for k in attrs if k not in USER_ATTRIBUTE_ORDER and k.lower() not in USER_ATTRIBUTE_SKIP)
+    parts = []
+    for k in keys:
+        v = attrs[k]
+        if v is None or str(v).strip() == "" or len(str(v)) > 40:
+            continue
+        if k == "gender" and str(v).upper() in ("M", "F"):
+            parts.append("male" if str(v).upper() == "M" else "female")
+        elif k == "age":
+            parts.append(f"age {v}")
+        elif k == "occupation":
+            parts.append(clean_text(str(v)).lower())
+        else:
+            parts.append(f"{k} {clean_text(str(v))}")
+    return "user (" + ", ".join(parts) + ")" if parts else ""  # no colon: prompts turn "x:" markers into "x -"
 
 
 def profile_dataset(dataset: Dataset, users: Sequence[str] | None = None, *, llm: str | None = None,
@@ -529,8 +575,10 @@ def profile_dataset(dataset: Dataset, users: Sequence[str] | None = None, *, llm
         user_history(dataset, u, stage)  # unknown users fail before any model is loaded
     store = ProfileCache(cache) if cache else None
     try:
-        return profile_users(dataset, wanted, make_profiler(llm, allow_fallback=allow_fallback), stage=stage,
-                             cache=store, progress=progress)
+        profiler = make_profiler(llm, allow_fallback=allow_fallback)
+        if isinstance(profiler, AttributeProfiler) and dataset.user_attributes:
+            profiler.user_attributes = dict(zip(dataset.user_ids, dataset.user_attributes))
+        return profile_users(dataset, wanted, profiler, stage=stage, cache=store, progress=progress)
     finally:
         if store is not None:
             store.close()

@@ -24,8 +24,9 @@ from palr.rank.features import CandidateFeatures
 from palr.rank.fusion import held_out_table
 from palr.rank.llm_ranker import PromptBuilder, Ranker
 from palr.rank.profiles import AttributeProfiler, HistoryProfiles, ProfileCache, make_profiler
+from palr.rank.stacked import fit_stacked, stacked_lists, users_with_seen_valid_targets
 from palr.rank.trees import FeatureRankerConfig, fit_feature_ranker, split_users
-from palr.retrieval.candidates import candidates_for
+from palr.retrieval.candidates import CandidateSources, candidates_for, parse_sources
 from palr.retrieval.load import load_run
 from palr.runs.store import begin_run, build_dir_atomic, copy_tree_atomic, finish_run, read_run, tree_digest
 from palr.train.examples import (
@@ -51,6 +52,7 @@ from palr.train.lm import (
     training_arguments,
     validation_set,
 )
+from palr.train.trees import retriever_name
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def run_profiles(dataset: Any, cfg: FinetuneConfig, out: Path | None) -> Any:
                         "(another LLM) or attributes")
     cache = ProfileCache(out / "profiles.sqlite") if out is not None and cfg.profiler != "attributes" else None
     return HistoryProfiles(dataset.name, dataset.catalog, make_profiler(spec=cfg.profiler, allow_fallback=False),
-                           cache, enabled=cfg.profiles)
+                           cache, enabled=cfg.profiles, user_attributes=dataset.user_attributes)
 
 
 def _trainer_class() -> Any:
@@ -153,7 +155,14 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
 
     K = cfg.examples.n_candidates
     # every process builds the same lists (the sampler shards the records); one spare: the test item is skipped
-    ranked, ranked_scores = candidates_for(retriever, split, "valid", K + 1, sharded=True)
+    sources = (CandidateSources.fit(split, retriever, retriever_name(rcfg), K, cfg.sources)
+               if parse_sources(cfg.sources) else None)
+    src_feats = None
+    if sources is not None:  # candidates merged from several retrievers (every process computes all rows)
+        ranked, ranked_scores, src_feats = sources.merged_for(split, "valid", spare=1)
+        src_feats = src_feats[:, :K]
+    else:
+        ranked, ranked_scores = candidates_for(retriever, split, "valid", K + 1, sharded=True)
     valid_cands = (ranked[:, :K], ranked_scores[:, :K])
     fit_users, held_out = split_users(len(split.train), cfg.holdout, cfg.seed)
     source = cfg.examples.source
@@ -167,10 +176,10 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         ex += shuffle_candidates(genuine_contexts(split, fit_users, ranked, K), cfg.seed)
     ex = augment_swap(ex, cfg.examples.swap_prob, np.random.default_rng(cfg.seed + 3))
     check_no_leak(ex, split, held_out)
-    for e, text in zip(ex, profile_of.texts([e.history for e in ex])):
+    for e, text in zip(ex, profile_of.texts([e.history for e in ex], [e.user for e in ex])):
         e.profile = text
     feats = None
-    if cfg.feature_ranker or cfg.item_init in ("text", "hybrid"):
+    if cfg.feature_ranker or cfg.stacked or cfg.item_init in ("text", "hybrid"):
 
         feats = CandidateFeatures().fit(split, cfg.text_encoder, cfg.seed)
     with distributed.main_first():  # the main process creates base/, the others load it
@@ -248,6 +257,31 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         final["features"] = {**table, "trees": fmetrics, "chosen": chosen}
         if main:
             franker.save(out / "feature_ranker")
+    stacked_doc = None
+    if cfg.stacked:  # 7. the stacked ranker: the LLM's scores as features of the trees (and its twin without them)
+        assert feats is not None
+        fcfg = FeatureRankerConfig(n_candidates=K, holdout=cfg.holdout, text_encoder=cfg.text_encoder, seed=cfg.seed)
+        seen = users_with_seen_valid_targets(ex, split)  # their validation targets trained the LLM: never fit
+        stack_fit = np.setdiff1d(fit_users, seen)
+        llm_r = Ranker(llm, builder, batch_size=64)
+        lp = stacked_lists(split, np.concatenate([stack_fit, held_out]), valid_cands[0], llm_r, profile_of)
+        stacked, smetrics = fit_stacked(split, valid_cands, fcfg, fit_users=stack_fit, held_out=held_out,
+                                        features=feats, sources=sources, source_feats=src_feats, llm_lp=lp,
+                                        llm_ranker=llm_r)
+        others = {"llm_fused_with_retriever": final["ndcg@10"]}
+        if features_doc:
+            others["llm_fused_with_trees"] = final["features"]["ndcg@10"]
+        # it ranks only when it beats what the run would rank with otherwise, on the held-out users
+        chosen = smetrics["holdout_ndcg@10"] > max(others.values())
+        smetrics.update(chosen=chosen, compared_with=others, users_excluded_llm_saw_valid_target=len(seen))
+        final["stacked"] = smetrics
+        stacked_doc = {"dir": "stacked", "chosen": chosen, "llm_features": True}
+        if main:
+            stacked.save(out / "stacked")
+    if sources is not None:
+        final["candidate_recall"] = sources.recall(split, "valid")
+        if main:
+            sources.save(out / "candidate_sources")
     distributed.barrier()  # every process is done with the checkpoints
     if main:
         history = [h for h in trainer.state.log_history if "eval_ndcg@10" in h]
@@ -255,7 +289,9 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
                    "n_candidates": cfg.examples.n_candidates, "history_len": cfg.examples.history_len,
                    "profiles": cfg.profiles, "profiler": cfg.profiler, "base_model": cfg.base_model,
                    "llm_dir": llm_dir.name, "lora": bool(cfg.lora_r and cfg.base_model != "mini"),
-                   "features": features_doc}
+                   "features": features_doc, "stacked": stacked_doc,
+                   "user_attributes": bool(cfg.profiles and split.dataset.user_attributes),
+                   "candidates": None if sources is None else {"dir": "candidate_sources", "counts": sources.counts}}
         write_json(out / "ranking.json", ranking)
         world = distributed.world_size()
         metrics = {"valid": final, "valid_per_epoch": history, "pretrain_losses": pre_losses,
@@ -274,6 +310,12 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
                  f"; with the feature ranker {final['features']['ndcg@10']:.4f} (trees alone "
                  f"{final['features']['ndcg@10_features']:.4f}, weight {final['features']['weight']})"
                  if features_doc else "")
+        if "stacked" in final:
+            st = final["stacked"]
+            log.info("stacked ranker (LLM scores as tree features): held-out NDCG@10 %.4f, without LLM features "
+                     "%.4f; %s", st["holdout_ndcg@10"], st["holdout_ndcg@10_without_llm"],
+                     "it ranks (held-out users prefer it)" if st["chosen"] else "not used (held-out users prefer "
+                     f"{max(st['compared_with'], key=st['compared_with'].get)})")
     distributed.barrier()  # the run is complete when any process returns
     return out
 

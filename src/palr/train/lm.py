@@ -359,7 +359,7 @@ def validation_set(split: Split, candidates: tuple[np.ndarray, np.ndarray], n_us
     if 0 < n_users < len(users):
         users = np.sort(rng.choice(users, n_users, replace=False))
     hist = [split.train[u] for u in users]
-    prof = [profiler(h) for h in hist]
+    prof = (profiler.texts(hist, users) if hasattr(profiler, "texts") else [profiler(h) for h in hist])
     return ValidationSet(users, hist, prof, cands[users], split.valid_targets[users], scores[users])
 
 

@@ -16,17 +16,29 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from palr.core.io import write_json
-from palr.rank.trees import FeatureRankerConfig, fit_feature_ranker
-from palr.retrieval.candidates import candidates_for
+from palr.rank.features import CandidateFeatures
+from palr.rank.stacked import fit_stacked
+from palr.rank.trees import FeatureRankerConfig, fit_feature_ranker, split_users
+from palr.retrieval.candidates import CandidateSources, candidates_for, parse_sources
 from palr.retrieval.load import load_run
 from palr.runs.store import begin_run, finish_run
 
 
+def retriever_name(rcfg: dict[str, Any]) -> str:
+    r = rcfg["config"]["retriever"]
+    return str(r["retriever"] if isinstance(r, dict) else r)
+
+
 def train_feature_run(retriever_run: str | Path, out: str | Path, cfg: FeatureRankerConfig, *,
-                      data_dir: str | Path | None = None) -> Path:
-    """`palr finetune --ranker features`: a complete PALR run whose ranker is the feature re-ranker."""
+                      data_dir: str | Path | None = None, sources: str = "") -> Path:
+    """`palr finetune --ranker features`: a complete PALR run whose ranker is the feature re-ranker.
+
+    ``sources`` (e.g. ``itemknn:10,popularity:5``): candidates merged from several retrievers, as
+    ``palr finetune --sources`` merges them; the trees then read every source's score and rank too (the stacked
+    ranker without LLM features, fitted on the same users as the full PALR run's twin)."""
     import shutil
     from dataclasses import asdict
 
@@ -36,14 +48,31 @@ def train_feature_run(retriever_run: str | Path, out: str | Path, cfg: FeatureRa
     out = begin_run(out)
     if not (out / "retriever" / "retriever.json").exists():
         shutil.copytree(Path(retriever_run) / "model", out / "retriever", dirs_exist_ok=True)
-    valid = candidates_for(retriever, split, "valid", cfg.n_candidates)
-    ranker, metrics = fit_feature_ranker(split, valid, cfg)
-    ranker.save(out / "ranker")
-    ranking = {"ranker": "features", "mode": "features", "style": "features", "weight": 0.0, "fusion": "trees",
-               "n_candidates": cfg.n_candidates, "history_len": 0, "profiles": False, "ranker_dir": "ranker"}
+    ranking: dict[str, Any] = {"ranker": "features", "mode": "features", "style": "features", "weight": 0.0,
+                               "fusion": "trees", "n_candidates": cfg.n_candidates, "history_len": 0,
+                               "profiles": False, "ranker_dir": "ranker"}
+    if parse_sources(sources):
+        merged = CandidateSources.fit(split, retriever, retriever_name(rcfg), cfg.n_candidates, sources)
+        cands, cscores, src = merged.merged_for(split, "valid")
+        feats = CandidateFeatures().fit(split, cfg.text_encoder, cfg.seed)
+        fit_u, hold_u = split_users(len(split.train), cfg.holdout, cfg.seed)
+        stacked, metrics = fit_stacked(split, (cands, cscores), cfg, fit_users=fit_u, held_out=hold_u,
+                                       features=feats, sources=merged, source_feats=src)
+        metrics["candidate_recall"] = merged.recall(split, "valid")
+        metrics["text_encoder"] = feats.text_encoder
+        stacked.save(out / "ranker")
+        merged.save(out / "candidate_sources")
+        ranking.update(fusion="stacked", stacked={"dir": "ranker", "chosen": True, "llm_features": False},
+                       candidates={"dir": "candidate_sources", "counts": merged.counts})
+        metrics["feature_gain"] = dict(zip(metrics["features"], stacked.booster.feature_importance("gain").round(1)
+                                           .tolist()))
+    else:
+        valid = candidates_for(retriever, split, "valid", cfg.n_candidates)
+        ranker, metrics = fit_feature_ranker(split, valid, cfg)
+        ranker.save(out / "ranker")
     write_json(out / "ranking.json", ranking)
     metrics["total_seconds"] = round(time.perf_counter() - t0, 1)
-    config = {"feature_ranker": asdict(cfg), "retriever_run": str(retriever_run), "retriever": rcfg["config"],
+    config = {"feature_ranker": asdict(cfg), "sources": sources, "retriever_run": str(retriever_run), "retriever": rcfg["config"],
               "ranking": ranking, "data_dir": str(data_dir or "")}
     finish_run(out, "palr", split.dataset, config, {"valid": metrics})
     (out / "feature_gain.json").write_text(json.dumps(metrics["feature_gain"], indent=1))
