@@ -122,7 +122,26 @@ def served_llm(tiny_llm):
         yield load_llm(f"openai:tiny@{url}")
 
 
-CASES = ["llm-hf", "llm-mini", "llm-openai", "trees", "fused-hf"]
+@pytest.fixture(scope="module")
+def stacked_trees(synth_split: Split):
+    """The stacked ranker's trees (with and without LLM features) fitted on planted LLM scores; no LLM attached."""
+    from palr.rank.features import CandidateFeatures
+    from palr.rank.stacked import fit_stacked
+    from palr.rank.trees import FeatureRankerConfig, split_users
+    from palr.retrieval.base import make_retriever
+    from palr.retrieval.candidates import candidates_for
+
+    ret = make_retriever("popularity").fit(synth_split.train, synth_split.n_items)
+    cands, scores = candidates_for(ret, synth_split, "valid", N)
+    lp = np.where(cands == synth_split.valid_targets[:, None], -1.0, -3.0).astype(np.float32)
+    lp += np.random.default_rng(0).normal(0, 1, lp.shape).astype(np.float32)
+    fit_u, hold_u = split_users(len(synth_split.train), 0.25, 0)
+    cfg = FeatureRankerConfig(n_candidates=N, holdout=0.25, text_encoder="tfidf", min_data_in_leaf=5, rounds=30)
+    return fit_stacked(synth_split, (cands, scores), cfg, fit_users=fit_u, held_out=hold_u,
+                       features=CandidateFeatures().fit(synth_split, "tfidf"), llm_lp=lp)[0]
+
+
+CASES = ["llm-hf", "llm-mini", "llm-openai", "trees", "fused-hf", "stacked-hf"]
 
 
 @pytest.fixture(params=CASES)
@@ -145,6 +164,12 @@ def case(request: pytest.FixtureRequest, synth_split: Split) -> Callable[..., Ra
         features = request.getfixturevalue("trees")
         if kind == "trees":
             return features
+        if kind == "stacked-hf":
+            from palr.rank.stacked import StackedRanker
+
+            st = request.getfixturevalue("stacked_trees")
+            return StackedRanker(st.features, st.booster, llm_ranker(request.getfixturevalue("tiny_llm"), "text",
+                                                                     error, 0.0), st.twin)
         return FusedRanker(llm_ranker(request.getfixturevalue("tiny_llm"), "text", error, 0.0), features, 1.0)
 
     build.kind = kind  # type: ignore[attr-defined]
@@ -156,6 +181,9 @@ def fallback_order(ranker: Ranker, x: Inputs, idx: Any) -> np.ndarray:
     h, p, c, s, u = x.rows(idx)
     if isinstance(ranker, FusedRanker):
         return ranker.features.rank(h, p, c, s, u).order
+    without_llm = getattr(ranker, "without_llm", None)  # the stacked ranker: its twin without LLM features
+    if without_llm is not None and ranker.llm_ranker is not None:
+        return without_llm().rank(h, p, c, s, u).order
     return c
 
 

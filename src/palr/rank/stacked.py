@@ -132,13 +132,16 @@ class StackedRanker:
                 if not getattr(self._llm_ranker, "allow_fallback", False):
                     raise
                 log.warning("LLM ranking failed (%s: %s); the trees without LLM features rank", type(e).__name__, e)
-                notes.append(f"LLM failed: {type(e).__name__}: {e}: the trees without LLM features rank "
-                             "(--allow-fallback)")
+                notes.append(f"LLM failed: {type(e).__name__}: {e}: the order of the trees without LLM features "
+                             "stands (--allow-fallback)")
             failed = ~np.isfinite(lp).all(axis=1)
             full = break_ties(predict(self.booster, np.concatenate([X, llm_features(lp)], axis=2)))
             if failed.any():
                 with self._lock:
                     self._failed += int(failed.sum())
+                if not notes:
+                    notes.append(f"the LLM gave no usable scores for {int(failed.sum())} of {len(failed)} users: "
+                                 "the order of the trees without LLM features stands")
                 if self.twin is not None:
                     full[failed] = break_ties(predict(self.twin, X[failed]))
         order, ordered = order_by(full, candidates)
