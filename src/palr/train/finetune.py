@@ -263,21 +263,19 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         fcfg = FeatureRankerConfig(n_candidates=K, holdout=cfg.holdout, text_encoder=cfg.text_encoder, seed=cfg.seed)
         seen = users_with_seen_valid_targets(ex, split)  # their validation targets trained the LLM: never fit
         stack_fit = np.setdiff1d(fit_users, seen)
-        llm_r = Ranker(llm, builder, batch_size=64)
-        lp = stacked_lists(split, np.concatenate([stack_fit, held_out]), valid_cands[0], llm_r, profile_of)
-        stacked, smetrics = fit_stacked(split, valid_cands, fcfg, fit_users=stack_fit, held_out=held_out,
-                                        features=feats, sources=sources, source_feats=src_feats, llm_lp=lp,
-                                        llm_ranker=llm_r)
-        others = {"llm_fused_with_retriever": final["ndcg@10"]}
-        if features_doc:
-            others["llm_fused_with_trees"] = final["features"]["ndcg@10"]
-        # it ranks only when it beats what the run would rank with otherwise, on the held-out users
-        chosen = smetrics["holdout_ndcg@10"] > max(others.values())
-        smetrics.update(chosen=chosen, compared_with=others, users_excluded_llm_saw_valid_target=len(seen))
-        final["stacked"] = smetrics
-        stacked_doc = {"dir": "stacked", "chosen": chosen, "llm_features": True}
-        if main:
-            stacked.save(out / "stacked")
+        n_lists = int((valid_cands[0][stack_fit] == split.valid_targets[stack_fit, None]).any(axis=1).sum())
+        if n_lists < MIN_STACK_LISTS:  # e.g. --source valid: the LLM trained on every fit user's validation item
+            final["stacked"] = {"skipped": f"{n_lists} validation lists whose target the LLM never trained on "
+                                           f"(at least {MIN_STACK_LISTS} needed; {len(seen)} users excluded)"}
+            log.warning("stacked ranker not fitted: %s", final["stacked"]["skipped"])
+        else:
+            try:
+                stacked_doc = _fit_stacked_step(split, valid_cands, fcfg, stack_fit, held_out, feats, sources,
+                                                src_feats, Ranker(llm, builder, batch_size=64), profile_of, final,
+                                                len(seen), out if main else None)
+            except PalrError as e:  # too few held-out lists with the target: nothing to stop the boosting on
+                final["stacked"] = {"skipped": str(e)}
+                log.warning("stacked ranker not fitted: %s", e)
     if sources is not None:
         final["candidate_recall"] = sources.recall(split, "valid")
         if main:
@@ -310,7 +308,7 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
                  f"; with the feature ranker {final['features']['ndcg@10']:.4f} (trees alone "
                  f"{final['features']['ndcg@10_features']:.4f}, weight {final['features']['weight']})"
                  if features_doc else "")
-        if "stacked" in final:
+        if "holdout_ndcg@10" in final.get("stacked", {}):
             st = final["stacked"]
             log.info("stacked ranker (LLM scores as tree features): held-out NDCG@10 %.4f, without LLM features "
                      "%.4f; %s", st["holdout_ndcg@10"], st["holdout_ndcg@10_without_llm"],
@@ -318,6 +316,31 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
                      f"{max(st['compared_with'], key=st['compared_with'].get)})")
     distributed.barrier()  # the run is complete when any process returns
     return out
+
+
+MIN_STACK_LISTS = 20  # validation lists (target among the candidates) the stacked ranker needs to be fitted
+
+
+def _fit_stacked_step(split: Any, valid_cands: tuple[np.ndarray, np.ndarray], fcfg: FeatureRankerConfig,
+                      stack_fit: np.ndarray, held_out: np.ndarray, feats: CandidateFeatures, sources: Any,
+                      src_feats: np.ndarray | None, llm_r: Ranker, profile_of: Any, final: dict[str, Any],
+                      n_seen: int, out: Path | None) -> dict[str, Any]:
+    """Fit the stacked ranker (and its twin) on ``stack_fit`` users' validation lists, compare it on the held-out
+    users with what the run ranks with otherwise; record it in ``final["stacked"]``; save it under ``out``."""
+    lp = stacked_lists(split, np.concatenate([stack_fit, held_out]), valid_cands[0], llm_r, profile_of)
+    stacked, smetrics = fit_stacked(split, valid_cands, fcfg, fit_users=stack_fit, held_out=held_out,
+                                    features=feats, sources=sources, source_feats=src_feats, llm_lp=lp,
+                                    llm_ranker=llm_r)
+    others = {"llm_fused_with_retriever": final["ndcg@10"]}
+    if (final.get("features") or {}).get("chosen"):
+        others["llm_fused_with_trees"] = final["features"]["ndcg@10"]
+    # it ranks only when it beats what the run would rank with otherwise, on the held-out users
+    chosen = smetrics["holdout_ndcg@10"] > max(others.values())
+    smetrics.update(chosen=chosen, compared_with=others, users_excluded_llm_saw_valid_target=n_seen)
+    final["stacked"] = smetrics
+    if out is not None:
+        stacked.save(out / "stacked")
+    return {"dir": "stacked", "chosen": chosen, "llm_features": True}
 
 
 def run_args(command: FinetuneCommand, rcfg: dict[str, Any]) -> dict[str, Any]:
