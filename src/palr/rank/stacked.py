@@ -238,9 +238,11 @@ def fit_stacked(split: Split, valid_cands: tuple[np.ndarray, np.ndarray], cfg: F
 
 
 def users_with_seen_valid_targets(examples: Sequence[Any], split: Split) -> np.ndarray:
-    """Users whose validation item is a target of some fine-tuning example of theirs (the LLM learned it):
-    they never fit the stacked ranker."""
-    seen = {int(e.user) for e in examples if int(split.valid_targets[int(e.user)]) in {int(t) for t in e.targets}}
+    """Users whose validation item is a target, or in the history, of some fine-tuning example of theirs (the LLM
+    learned it; item-swap augmentation can move it into the history): they never fit the stacked ranker."""
+    seen = {int(e.user) for e in examples
+            if int(split.valid_targets[int(e.user)]) in {int(t) for t in e.targets}
+            or int(split.valid_targets[int(e.user)]) in {int(h) for h in e.history}}
     return np.array(sorted(seen), np.int64)
 
 
