@@ -68,8 +68,8 @@ def main() -> None:
 
     train_mod.palr_loss = spy_loss
     run_mod.encode_records = spy_encode
-    for module, name in [(run_mod, "begin_run"), (run_mod, "write_json"), (run_mod, "write_jsonl"),
-                         (run_mod, "finish_run"), (pipeline_mod, "write_json"),
+    for module, name in [(run_mod, "begin_run"), (run_mod.RankingConfig, "write"), (run_mod, "write_jsonl"),
+                         (run_mod, "finish_run"), (run_mod, "link_snapshot"), (pipeline_mod, "write_json"),
                          (retrieval_mod, "write_predictions"), (retrieval_mod, "write_candidates"),
                          (retrieval_mod, "write_json")]:
         writes(module, name)

@@ -63,10 +63,13 @@ def typer_command(app: Any, name: str, cls: type, body: Callable[[Any], None], *
     params = []
     for o in opts:
         if o.also_positional:
+            many = _repeatable(o.type)
             params.append(inspect.Parameter(
-                f"{o.name}__arg", inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
-                default=typer.Argument(None, metavar=f"[{o.name.upper()}]", show_default=False,
-                                       help=f"The same as {o.flag} (the form torchrun/accelerate launch pass through).")))
+                f"{o.name}__arg", inspect.Parameter.KEYWORD_ONLY, annotation=list[str] | None if many else str | None,
+                default=typer.Argument(None, metavar=f"[{o.name.upper()}]{'...' if many else ''}", show_default=False,
+                                       help=f"The same as {o.flag}" + (" (repeatable)" if many else
+                                                                        " (the form torchrun/accelerate launch pass "
+                                                                        "through)") + ".")))
         shown = None if o.default in (MISSING, None, (), [], {}, "", False) else _shown(o.default)
         text = o.help + (f" (default: {shown})" if shown and o.default is not True else "")
         if o.argument:
@@ -95,7 +98,9 @@ def typer_command(app: Any, name: str, cls: type, body: Callable[[Any], None], *
         file = kwargs.pop("config_file")
         for o in opts:
             given = kwargs.pop(f"{o.name}__arg", None) if o.also_positional else None
-            if given is not None:
+            if given and _repeatable(o.type):  # positional values join the flag's: RUN RUN --run RUN
+                kwargs[o.name] = [*given, *(kwargs.get(o.name) or [])]
+            elif given is not None:
                 if kwargs.get(o.name) is not None and Path(kwargs[o.name]) != Path(given):
                     raise ConfigError(f"two values for {o.flag}: {given} and {o.flag} {kwargs[o.name]}; give one")
                 kwargs[o.name] = given

@@ -124,9 +124,12 @@ def evaluate(cfg: C.EvaluateConfig) -> None:
     cands_path = cfg.candidates_out or (out.with_name("candidates.jsonl") if cfg.candidates else None)
     distributed.init()
     if cfg.run is not None:
+        from palr.runs.snapshot import check_raw_data
         from palr.runs.store import read_run
 
         read_run(cfg.run)
+        if cfg.data.dataset:  # raw data given again: checked against the run's snapshot, not used
+            check_raw_data(cfg.run, cfg.data)
         kind = json.loads((cfg.run / "run.json").read_text())["kind"]
         if kind == "palr" or cfg.llm:
             from palr.evaluate.palr import evaluate_palr_run
@@ -198,7 +201,11 @@ def compare(cfg: C.CompareConfig) -> None:
 
     ks = tuple(cfg.k or DEFAULT_KS)
     split = None
-    if cfg.data.dataset:
+    if cfg.run is not None:  # the run's data snapshot; raw data given too is checked against it
+        from palr.runs.snapshot import load_run_split
+
+        split = load_run_split(cfg.run, data=cfg.data if cfg.data.dataset else None)
+    elif cfg.data.dataset:
         from palr.data import load_split
 
         split = load_split(cfg.data)

@@ -29,6 +29,8 @@ FALLBACK_HELP = ("Keep the retriever's order when the LLM server cannot be reach
 # the retriever registry's names (palr.retrieval.base.REGISTRY; importing it here would be circular: a test
 # checks the two agree)
 RETRIEVER_HELP = "popularity, itemknn, sasrec, als, bpr, text"
+RUN_DATA_HELP = ("Raw data given again: checked against the run's data snapshot, which the run reads (no raw "
+                 "file needed).")
 DATASET_HELP = "ml-100k, ml-1m, ml-latest-small, amazon-<category>, or csv:PATH (CSV or Parquet)"
 
 
@@ -256,7 +258,7 @@ class ModelImportConfig:
 class ModelExportConfig:
     """The run's ranking LLM as one model directory (LoRA merged into its base) for vLLM or `palr model serve`."""
 
-    run: Path = field(metadata=opt("A PALR run (palr finetune).", argument=True))
+    run: Path = field(metadata=opt("A PALR run (palr finetune).", also_positional=True))
     out: Path = field(metadata=opt("Model directory to write.", "-o", "--out"))
 
 
@@ -386,7 +388,7 @@ class FinetuneCommand:
     ranker: Literal["llm", "features"] = field(default="llm", metadata=opt(
         "llm (PALR's LLM ranker) or features (the LightGBM feature re-ranker, trained on validation candidates)."))
     train: FinetuneConfig = field(default_factory=FinetuneConfig)
-    data_dir: Path | None = field(default=None, metadata=opt("Data directory (default: the run's)."))
+    data_dir: Path | None = field(default=None, metadata=opt(RUN_DATA_HELP))
     overwrite: bool = field(default=False, metadata=opt(
         "Start afresh when --out holds a run (or checkpoints) made with other settings."))
 
@@ -401,7 +403,7 @@ class RecommendConfig:
     """Recommend for a known user, a given history of ids, or of titles (one of them): profile, ranked items,
     explanations."""
 
-    run: Path = field(metadata=opt("A PALR run (palr finetune), or a retriever run with --llm."))
+    run: Path = field(metadata=opt("A PALR run (palr finetune), or a retriever run with --llm.", also_positional=True))
     user: str | None = field(default=None, metadata=opt("Original user id.", "-u", "--user"))
     history: list[str] | None = field(default=None, metadata=opt("Comma-separated original item ids."))
     history_titles: str | None = field(default=None, metadata=opt("Titles separated by '|', matched fuzzily."))
@@ -414,7 +416,7 @@ class RecommendConfig:
     mode: Literal["verbalizer", "generative"] | None = field(default=None, metadata=opt(
         "verbalizer or generative (default: the run's)."))
     json: bool = field(default=False, metadata=opt("Print JSON."))
-    data_dir: Path | None = field(default=None, metadata=opt("Data directory (default: the run's)."))
+    data_dir: Path | None = field(default=None, metadata=opt(RUN_DATA_HELP))
 
     def __post_init__(self) -> None:
 
@@ -463,23 +465,23 @@ class ServiceConfig:
 class ServeConfig:
     """Web page at / and JSON API: GET /items?q=, GET /users/ID, POST /recommend (docs at /docs)."""
 
-    run: Path = field(metadata=opt("A PALR run (palr finetune), or a retriever run with --llm."))
+    run: Path = field(metadata=opt("A PALR run (palr finetune), or a retriever run with --llm.", also_positional=True))
     service: ServiceConfig = field(default_factory=ServiceConfig)
     llm: str | None = field(default=None, metadata=opt(LLM_HELP))
     allow_fallback: bool = field(default=False, metadata=opt(FALLBACK_HELP))
-    data_dir: Path | None = field(default=None, metadata=opt("Data directory (default: the run's)."))
+    data_dir: Path | None = field(default=None, metadata=opt(RUN_DATA_HELP))
 
 
 @dataclass
 class ReportConfig:
     """One self-contained HTML report: curves, test metrics with CIs, segments, recall ceiling, examples."""
 
-    runs: list[Path] = field(metadata=opt("Run directories (PALR or retriever runs, or a demo folder).",
-                                          argument=True))
+    runs: list[Path] = field(default_factory=list, metadata=opt(
+        "A run directory (a PALR or retriever run, or a demo folder; repeatable).", "--run", also_positional=True))
     out: Path = field(default=Path("report.html"), metadata=opt("The HTML file to write.", "-o", "--out"))
     examples: int = field(default=3, metadata=opt("Example users per PALR run."))
     seed: int = field(default=0, metadata=opt("Seed of the bootstrap resampling."))
-    data_dir: Path | None = field(default=None, metadata=opt("Data directory (default: the runs')."))
+    data_dir: Path | None = field(default=None, metadata=opt(RUN_DATA_HELP))
 
     def __post_init__(self) -> None:
         if not self.runs:
@@ -494,7 +496,9 @@ class CompareConfig:
 
     a: Path = field(metadata=opt("The new model: a per-user CSV (--per-user) or a predictions JSONL.", argument=True))
     b: Path = field(metadata=opt("The baseline: a per-user CSV or a predictions JSONL.", argument=True))
-    data: DataSpec = field(default_factory=DataSpec)  # needed to score a predictions file
+    run: Path | None = field(default=None, metadata=opt(
+        "The run whose data snapshot scores a predictions file (or --dataset: the raw data set)."))
+    data: DataSpec = field(default_factory=DataSpec)  # needed to score a predictions file without --run
     stage: Literal["test", "valid"] = field(default="test", metadata=opt("Targets of a predictions file."))
     a_model: str | None = field(default=None, metadata=opt("The model in A (a per-user file with several)."))
     b_model: str | None = field(default=None, metadata=opt("The model in B (a per-user file with several)."))

@@ -26,13 +26,14 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from palr.core.errors import LLMRequestFailed, LLMUnavailable, PalrError, RunError
+from palr.core.io import write_json
 from palr.core.metrics import ndcg
 from palr.llm.mini import item_token_ids
 from palr.llm.prompts import (  # PromptBuilder re-exported: prompts.py owns both styles
@@ -72,6 +73,18 @@ class RankingConfig:
     base_model: str = ""
     llm_dir: str = ""
     lora: bool = False
+    ranker: str = "llm"  # "llm", or "features" (the feature re-ranker alone, in ``ranker_dir``)
+    ranker_dir: str = ""
+    features: dict[str, Any] | None = None  # the feature ranker fused with the LLM: {"dir": ..., "weight": ...}
+    stacked: dict[str, Any] | None = None  # the stacked ranker: {"dir": ..., "chosen": ..., "llm_features": ...}
+    user_attributes: bool = False  # user attributes (age, occupation, ...) in the profiles
+    candidates: dict[str, Any] | None = None  # merged candidate sources: {"dir": ..., "counts": ...}
+
+    def write(self, run: str | Path) -> dict[str, Any]:
+        """Write ``RUN/ranking.json`` (its one writer); returns what was written."""
+        doc = asdict(self)
+        write_json(Path(run) / "ranking.json", doc)
+        return doc
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RankingConfig:

@@ -17,7 +17,7 @@ import numpy as np
 
 from palr.core.errors import InputError, PalrError, UnknownUserError
 from palr.core.topk import top_k
-from palr.data import Split, load_split
+from palr.data import Split
 from palr.data.titles import match_titles
 from palr.rank.explain import explain_items, explain_popular
 from palr.rank.explain import llm_explanations as written
@@ -28,7 +28,8 @@ from palr.rank.protocol import Ranker
 from palr.retrieval.base import load_retriever
 from palr.retrieval.candidates import CandidateSources
 from palr.retrieval.load import load_run
-from palr.runs.store import check_dataset, read_run, run_data_spec
+from palr.runs.snapshot import load_run_split
+from palr.runs.store import read_run
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,7 @@ class PALR:
         kind = _run_kind(run)
         if kind == "palr":
             cfg = read_run(run, "palr")
-            split = load_split(run_data_spec(cfg, data_dir))
-            check_dataset(cfg, split.dataset, run)
+            split = load_run_split(run, cfg, data_dir=data_dir)  # the run's snapshot, never the raw files
             raw = json.loads((run / "ranking.json").read_text())
             retriever = load_retriever(run / "retriever")
             sources = (CandidateSources.load(run / raw["candidates"]["dir"], retriever)

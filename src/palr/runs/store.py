@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import shutil
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -123,11 +124,35 @@ def tree_digest(directory: str | Path) -> str:
     return h.hexdigest()
 
 
+SNAPSHOT_DIR = "data"  # the run's data snapshot (palr.runs.snapshot)
+
+
+@dataclass
+class RunConfig:
+    """``config.json``: one shape for every run kind (retriever, PALR with an LLM or with the feature ranker)."""
+
+    kind: str  # "retriever" or "palr"
+    config: dict[str, Any]  # the kind's own settings (retriever: name, params, seed; palr: finetune or
+    #                         feature_ranker, ranking, and the retriever run's settings)
+    data: dict[str, Any]  # the data spec the data set was read with (flat DataSpec, paths absolute)
+    inputs: dict[str, str]  # the runs it was made from ({"retriever_run": PATH} for a PALR run)
+    dataset: dict[str, Any]  # dataset_info: name, sizes, fingerprints
+    protocol: dict[str, Any]
+    snapshot: str  # the folder of the data snapshot inside the run
+    versions: dict[str, str]
+
+
 def finish_run(out: Path, kind: str, dataset: Dataset, config: dict[str, Any],
-               metrics: dict[str, Any] | None = None) -> None:
-    """Write config.json + metrics.json, then run.json last (the completeness marker)."""
-    write_json(out / "config.json", {"kind": kind, "config": config, "dataset": dataset_info(dataset),
-                                     "protocol": dataset.protocol, "versions": versions()})
+               metrics: dict[str, Any] | None = None, *, data: dict[str, Any] | None = None,
+               inputs: dict[str, str] | None = None) -> None:
+    """Write config.json (a :class:`RunConfig`) + metrics.json, then run.json last (the completeness marker).
+
+    ``data``: the flat data spec the data set was read with (default: its name); ``inputs``: the runs it was made
+    from. The data snapshot (``palr.runs.snapshot``) is written or linked by the caller before."""
+    doc = RunConfig(kind=kind, config=config, data=dict(data or {"dataset": dataset.name}), inputs=dict(inputs or {}),
+                    dataset=dataset_info(dataset), protocol=dataset.protocol, snapshot=SNAPSHOT_DIR,
+                    versions=versions())
+    write_json(out / "config.json", asdict(doc))
     if metrics is not None:
         write_json(out / "metrics.json", metrics)
     write_json(out / "run.json", {"format": RUN_FORMAT, "kind": kind, "palr": __version__, "complete": True})
@@ -153,10 +178,11 @@ def read_run(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
 
 
 def run_data_spec(config: dict[str, Any], data_dir: str | Path | None = None) -> DataSpec:
-    """The data spec a run was trained on (``data_dir`` overrides where the named data sets live)."""
-
-    saved = config["config"].get("data") or {"dataset": config["dataset"]["name"]}
-    return as_spec(build(DataSpec, file=saved), data_dir or config["config"].get("data_dir") or None)
+    """The data spec a run was made from (``data_dir`` overrides where the named data sets live): only to check
+    raw data given again against the run (the run itself reads its snapshot)."""
+    saved = dict(config.get("data") or config["config"].get("data") or {"dataset": config["dataset"]["name"]})
+    saved_dir = saved.pop("data_dir", None) or config["config"].get("data_dir") or None
+    return as_spec(build(DataSpec, file=saved), data_dir or saved_dir)
 
 
 def check_dataset(config: dict[str, Any], dataset: Dataset, directory: str | Path) -> None:

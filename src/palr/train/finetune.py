@@ -15,19 +15,19 @@ import numpy as np
 from palr.core import distributed
 from palr.core.console import progress_enabled
 from palr.core.errors import PalrError
-from palr.core.io import write_json
 from palr.core.options import flat
 from palr.core.settings import FinetuneCommand
 from palr.llm.hf import HFLLM, merge_adapter
 from palr.llm.protocol import single_token_labels
 from palr.rank.features import CandidateFeatures
 from palr.rank.fusion import held_out_table
-from palr.rank.llm_ranker import PromptBuilder, Ranker
+from palr.rank.llm_ranker import PromptBuilder, Ranker, RankingConfig
 from palr.rank.profiles import AttributeProfiler, HistoryProfiles, ProfileCache, make_profiler
 from palr.rank.stacked import fit_stacked, stacked_lists, users_with_seen_valid_targets
 from palr.rank.trees import FeatureRankerConfig, fit_feature_ranker, split_users
 from palr.retrieval.candidates import CandidateSources, candidates_for, parse_sources
 from palr.retrieval.load import load_run
+from palr.runs.snapshot import link_snapshot
 from palr.runs.store import begin_run, build_dir_atomic, copy_tree_atomic, finish_run, read_run, tree_digest
 from palr.train.examples import (
     attach_candidates,
@@ -283,14 +283,13 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
     distributed.barrier()  # every process is done with the checkpoints
     if main:
         history = [h for h in trainer.state.log_history if "eval_ndcg@10" in h]
-        ranking = {"mode": "verbalizer", "style": cfg.style, "weight": final["weight"], "fusion": final["fusion"],
-                   "n_candidates": cfg.examples.n_candidates, "history_len": cfg.examples.history_len,
-                   "profiles": cfg.profiles, "profiler": cfg.profiler, "base_model": cfg.base_model,
-                   "llm_dir": llm_dir.name, "lora": bool(cfg.lora_r and cfg.base_model != "mini"),
-                   "features": features_doc, "stacked": stacked_doc,
-                   "user_attributes": bool(cfg.profiles and split.dataset.user_attributes),
-                   "candidates": None if sources is None else {"dir": "candidate_sources", "counts": sources.counts}}
-        write_json(out / "ranking.json", ranking)
+        ranking = RankingConfig(
+            mode="verbalizer", style=cfg.style, weight=final["weight"], fusion=final["fusion"],
+            n_candidates=cfg.examples.n_candidates, history_len=cfg.examples.history_len, profiles=cfg.profiles,
+            profiler=cfg.profiler, base_model=cfg.base_model, llm_dir=llm_dir.name,
+            lora=bool(cfg.lora_r and cfg.base_model != "mini"), features=features_doc, stacked=stacked_doc,
+            user_attributes=bool(cfg.profiles and split.dataset.user_attributes),
+            candidates=None if sources is None else {"dir": "candidate_sources", "counts": sources.counts}).write(out)
         world = distributed.world_size()
         metrics = {"valid": final, "valid_per_epoch": history, "pretrain_losses": pre_losses,
                    "curve": trainer.palr_curve, "train_loss_steps": downsample(trainer.palr_losses),
@@ -299,10 +298,11 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
                    "train_batch_global": cfg.batch_size * cfg.grad_accum * world,
                    "seconds": round(time.perf_counter() - t_start, 1)}
         shutil.rmtree(ckpt, ignore_errors=True)  # the best weights are saved; checkpoints were for resuming
-        config = {"finetune": {**asdict(cfg), "examples": asdict(cfg.examples)}, "retriever_run": str(retriever_run),
-                  "retriever": rcfg["config"], "ranking": ranking, "data_dir": str(data_dir or ""),
-                  "data": rcfg["config"].get("data")}
-        finish_run(out, "palr", split.dataset, config, metrics)
+        config = {"finetune": {**asdict(cfg), "examples": asdict(cfg.examples)}, "retriever": rcfg["config"],
+                  "ranking": ranking}
+        link_snapshot(retriever_run, out)  # the PALR run carries its retriever run's data snapshot
+        finish_run(out, "palr", split.dataset, config, metrics, data=rcfg.get("data"),
+                   inputs={"retriever_run": str(Path(retriever_run).resolve())})
         log.info("PALR run %s: held-out valid NDCG@10 fused %.4f (LLM %.4f, retriever %.4f, weight %s)%s", out,
                  final["ndcg@10"], final["ndcg@10_llm"], final["ndcg@10_retriever"], final["weight"],
                  f"; with the feature ranker {final['features']['ndcg@10']:.4f} (trees alone "

@@ -30,6 +30,7 @@ from palr.evaluate.tables import (
     write_predictions,
 )
 from palr.retrieval.base import Retriever, check_settings, make_retriever, retriever_class
+from palr.runs.snapshot import SNAPSHOT_DIR, save_snapshot
 from palr.runs.store import begin_run, dataset_info, finish_run
 
 log = logging.getLogger(__name__)
@@ -93,15 +94,15 @@ def save_retriever_run(run: Path, model: Retriever, split: Split, retriever: str
     """Write a fitted retriever as a complete run directory (``valid`` = ``evaluate_retriever`` on valid);
     ``data``: the data spec it was trained on (else the data set's name with ``data_dir``)."""
     model.save(run / "model")
+    save_snapshot(run / SNAPSHOT_DIR, split.dataset)  # the run stands alone: later commands read no raw file
     metrics = {"valid": valid["metrics"],
                "timings": {"fit_s": round(fit_s, 3), "valid_eval_s": round(valid["seconds"], 3)}}
     history = getattr(model, "history", None)
     if history:
         metrics["history"] = history
-    finish_run(run, "retriever", split.dataset,
-               {"retriever": retriever, "params": model.params(), "seed": seed, "data_dir": str(data_dir or ""),
-                "data": flat((data or DataSpec(split.dataset.name, data_dir=Path(data_dir) if data_dir else None))
-                             .resolved())}, metrics)
+    finish_run(run, "retriever", split.dataset, {"retriever": retriever, "params": model.params(), "seed": seed},
+               metrics, data=flat((data or DataSpec(split.dataset.name, data_dir=Path(data_dir) if data_dir else None))
+                                  .resolved()))
 
 
 def evaluate_models(models: dict[str, Retriever], split: Split, out: str | Path | None = None,

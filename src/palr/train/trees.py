@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from palr.core.io import write_json
 from palr.rank.features import CandidateFeatures
+from palr.rank.llm_ranker import RankingConfig
 from palr.rank.stacked import fit_stacked
 from palr.rank.trees import FeatureRankerConfig, fit_feature_ranker, split_users
 from palr.retrieval.candidates import CandidateSources, candidates_for, parse_sources
 from palr.retrieval.load import load_run
+from palr.runs.snapshot import link_snapshot
 from palr.runs.store import begin_run, finish_run
 
 
@@ -40,7 +41,7 @@ def train_feature_run(retriever_run: str | Path, out: str | Path, cfg: FeatureRa
     ``palr finetune --sources`` merges them; the trees then read every source's score and rank too (the stacked
     ranker without LLM features, fitted on the same users as the full PALR run's twin)."""
     import shutil
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
 
     t0 = time.perf_counter()
@@ -48,9 +49,8 @@ def train_feature_run(retriever_run: str | Path, out: str | Path, cfg: FeatureRa
     out = begin_run(out)
     if not (out / "retriever" / "retriever.json").exists():
         shutil.copytree(Path(retriever_run) / "model", out / "retriever", dirs_exist_ok=True)
-    ranking: dict[str, Any] = {"ranker": "features", "mode": "features", "style": "features", "weight": 0.0,
-                               "fusion": "trees", "n_candidates": cfg.n_candidates, "history_len": 0,
-                               "profiles": False, "ranker_dir": "ranker"}
+    ranking = RankingConfig(ranker="features", mode="features", style="features", weight=0.0, fusion="trees",
+                            n_candidates=cfg.n_candidates, history_len=0, profiles=False, ranker_dir="ranker")
     if parse_sources(sources):
         merged = CandidateSources.fit(split, retriever, retriever_name(rcfg), cfg.n_candidates, sources)
         cands, cscores, src = merged.merged_for(split, "valid")
@@ -62,18 +62,19 @@ def train_feature_run(retriever_run: str | Path, out: str | Path, cfg: FeatureRa
         metrics["text_encoder"] = feats.text_encoder
         stacked.save(out / "ranker")
         merged.save(out / "candidate_sources")
-        ranking.update(fusion="stacked", stacked={"dir": "ranker", "chosen": True, "llm_features": False},
-                       candidates={"dir": "candidate_sources", "counts": merged.counts})
+        ranking = replace(ranking, fusion="stacked", stacked={"dir": "ranker", "chosen": True, "llm_features": False},
+                          candidates={"dir": "candidate_sources", "counts": merged.counts})
         metrics["feature_gain"] = dict(zip(metrics["features"], stacked.booster.feature_importance("gain").round(1)
                                            .tolist()))
     else:
         valid = candidates_for(retriever, split, "valid", cfg.n_candidates)
         ranker, metrics = fit_feature_ranker(split, valid, cfg)
         ranker.save(out / "ranker")
-    write_json(out / "ranking.json", ranking)
+    written = ranking.write(out)
     metrics["total_seconds"] = round(time.perf_counter() - t0, 1)
-    config = {"feature_ranker": asdict(cfg), "sources": sources, "retriever_run": str(retriever_run), "retriever": rcfg["config"],
-              "ranking": ranking, "data_dir": str(data_dir or "")}
-    finish_run(out, "palr", split.dataset, config, {"valid": metrics})
+    config = {"feature_ranker": asdict(cfg), "sources": sources, "retriever": rcfg["config"], "ranking": written}
+    link_snapshot(retriever_run, out)  # the run reads its retriever run's data snapshot, CSV columns and all
+    finish_run(out, "palr", split.dataset, config, {"valid": metrics}, data=rcfg.get("data"),
+               inputs={"retriever_run": str(Path(retriever_run).resolve())})
     (out / "feature_gain.json").write_text(json.dumps(metrics["feature_gain"], indent=1))
     return out
