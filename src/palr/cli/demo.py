@@ -71,11 +71,11 @@ def run_demo(dataset: str = "ml-100k", out: str | Path = "runs/demo", *, quick: 
     cfg = FinetuneConfig(base_model="mini", epochs=float(fparams["epochs"]), examples=ex, seed=seed,
                          valid_users=500 if quick else 1000)
     # the PALR run belongs to this retriever: same settings and retriever resume it, a retrained one replaces it
-    prun = finetune(rrun, out / "palr", cfg, data_dir=data_dir, progress=True, overwrite=True)
+    prun = finetune(rrun, out / "palr", cfg, progress=True, overwrite=True)  # reads the run's data snapshot
 
     con.print("5/5 evaluation on the test split (full ranking; a retrieval miss counts as a miss)")
     doc = evaluate_palr_run(prun, out=out / "results.json", predictions=out / "predictions.jsonl",
-                            retriever_predictions=out / "retriever_predictions.jsonl", data_dir=data_dir)
+                            retriever_predictions=out / "retriever_predictions.jsonl")
     con.print(results_table(doc["results"], "test"))
     con.print(comparisons_table(doc["comparisons"], "test"))
     t = doc["timings"]
@@ -83,7 +83,7 @@ def run_demo(dataset: str = "ml-100k", out: str | Path = "runs/demo", *, quick: 
               f"{doc['protocol']['candidates']} candidates (one forward pass); fusion weight "
               f"{doc['protocol']['fusion_weight']} chosen on validation users")
 
-    palr = PALR.load(prun, data_dir)
+    palr = PALR.load(prun)
     examples = []
     for user in ds.user_ids[:users]:
         rec = palr.recommend(user=user, k=5, explain=True)
@@ -96,7 +96,7 @@ def run_demo(dataset: str = "ml-100k", out: str | Path = "runs/demo", *, quick: 
     (out / "examples.json").write_text(json.dumps(examples, indent=2))
     from palr.evaluate.report import write_report
 
-    report = write_report([prun], out / "report.html", data_dir=data_dir, n_examples=users, seed=seed)
+    report = write_report([prun], out / "report.html", n_examples=users, seed=seed)
     con.print(f"done in {time.perf_counter() - t0:.0f} s; everything is in {out}/ "
               f"(retriever/, palr/, results.json, predictions.jsonl, examples.json, report.html)")
     con.print(f"report: {report.resolve()}")

@@ -67,7 +67,10 @@ def model_card(run: str | Path) -> str:
               f"{ds['interactions']:,} interactions after preprocessing"),
              (f"- fingerprint (sha256 of the preprocessed sequences and id maps): `{ds['fingerprint']}`; loading the "
               "run on other data is refused"),
-             "- the data set has its own licence (GroupLens terms, Amazon research use); it is not part of the run", "",
+             ("- the preprocessed data set is kept in the run (`data/`: sequences, ids, catalogue); later commands "
+              "read it, never the raw files"),
+             ("- the data set has its own licence (GroupLens terms, Amazon research use): share the run only where "
+              "it allows"), "",
              "## Protocol", ""]
     lines += [f"- **{k}**: {v}" for k, v in cfg.get("protocol", {}).items()]
     lines += ["", "## Metrics", "", "Validation (the split used to choose epochs and the fusion weight):", ""]
@@ -90,18 +93,19 @@ def model_card(run: str | Path) -> str:
               "## How to load", ""]
     if kind == "palr":
         lines += ["```python", "from palr.pipeline import PALR", "",
-                  f'palr = PALR.load("{run}")          # the data set must be in the data directory',
+                  f'palr = PALR.load("{run}")          # the run holds its data snapshot (data/)',
                   'rec = palr.recommend(user="<user id>", k=10, explain=True)   # or history=["<item id>", ...]',
                   "```", "",
                   (f"Command line: `palr recommend --run {run} --user ID --explain`, `palr serve --run {run}`, "
-                   f"`palr report {run} --out report.html`.")]
+                   f"`palr report --run {run} --out report.html`.")]
     else:
         lines += ["```python", "from palr.retrieval.train import load_run", "",
                   f'config, retriever, split = load_run("{run}")', "scores = retriever.score(split.histories(\"test\"))",
                   "```", "", (f"Command line: `palr evaluate --run {run} --out results.json`, "
                               f"`palr finetune --run {run} --out PALR_RUN`.")]
     lines += ["", "## Files", "",
-              "`run.json` (written last: the run is complete), `config.json`, `metrics.json`, `README.md` (this card)"
+              "`run.json` (written last: the run is complete), `config.json`, `metrics.json`, `README.md` (this card), "
+              "`data/` (the data snapshot)"
               + (", `ranking.json`, `llm/` or `adapter/` (the fine-tuned model), `retriever/`, `instructions.jsonl`"
                  if kind == "palr" else ", `model/` (the retriever's weights), `train.log`")
               + (", `test_results.json` + `test_ranks.npz` (per-user test ranks)" if test else "") + ".", ""]
