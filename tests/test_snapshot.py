@@ -259,3 +259,11 @@ def test_snapshot_refuses_a_pickled_array(tmp_path: Path) -> None:
         np.savez(tmp_path / "data" / "sequences.npz", items=np.array([object()], dtype=object),
                  offsets=np.array([0, 1]))
         load_snapshot(tmp_path / "data")
+
+
+def test_a_snapshot_of_another_data_set_is_refused(tiny_ml100k_run: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "palr"
+    shutil.copytree(tiny_ml100k_run["palr"], run)
+    save_snapshot(run / SNAPSHOT_DIR, synthetic_dataset(n_users=40, n_items=30, seed=9))  # whole, but not its data
+    with pytest.raises(RunError, match="is not the data set its config.json names"):
+        load_run_split(run)

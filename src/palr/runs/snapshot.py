@@ -199,8 +199,12 @@ def load_run_split(run: str | Path, config: dict[str, Any] | None = None, *,
     if not has_snapshot(run):
         raise RunError(f"run {run} has no data snapshot (made by an older palr): retrain it with this palr "
                        "(palr train, then palr finetune for a PALR run)")
-    ds = load_snapshot(run / SNAPSHOT_DIR)
-    check_dataset(cfg, ds, run)  # the snapshot is the data set config.json names
+    ds = load_snapshot(run / SNAPSHOT_DIR)  # checked against its manifest's fingerprints
+    m = read_manifest(run / SNAPSHOT_DIR)
+    want = cfg["dataset"]
+    if m.fingerprint != want["fingerprint"] or (want.get("catalog") and m.catalog != want["catalog"]):
+        raise RunError(f"run {run}: its data snapshot ({m.name}, fingerprint {m.fingerprint[:12]}) is not the data "
+                       f"set its config.json names ({want['name']}, {want['fingerprint'][:12]}): retrain the run")
     if data_dir is not None or data is not None:
         check_raw_data(run, data if data is not None else data_dir, cfg)
     return Split.leave_one_out(ds)
