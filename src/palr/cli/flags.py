@@ -66,7 +66,7 @@ def typer_command(app: Any, name: str, cls: type, body: Callable[[Any], None], *
             many = _repeatable(o.type)
             params.append(inspect.Parameter(
                 f"{o.name}__arg", inspect.Parameter.KEYWORD_ONLY, annotation=list[str] | None if many else str | None,
-                default=typer.Argument(None, metavar=f"[{o.name.upper()}]{'...' if many else ''}", show_default=False,
+                default=typer.Argument(None, metavar=f"[{o.name.upper()}]", show_default=False,
                                        help=f"The same as {o.flag}" + (" (repeatable)" if many else
                                                                         " (the form torchrun/accelerate launch pass "
                                                                         "through)") + ".")))

@@ -477,7 +477,8 @@ class ReportConfig:
     """One self-contained HTML report: curves, test metrics with CIs, segments, recall ceiling, examples."""
 
     runs: list[Path] = field(default_factory=list, metadata=opt(
-        "A run directory (a PALR or retriever run, or a demo folder; repeatable).", "--run", also_positional=True))
+        "A run directory (a PALR or retriever run, or a demo folder; repeatable).", "--run", also_positional=True,
+        metavar="PATH"))
     out: Path = field(default=Path("report.html"), metadata=opt("The HTML file to write.", "-o", "--out"))
     examples: int = field(default=3, metadata=opt("Example users per PALR run."))
     seed: int = field(default=0, metadata=opt("Seed of the bootstrap resampling."))
