@@ -113,7 +113,8 @@ def test_items_file_must_match(tmp_path: Path, caplog: pytest.LogCaptureFixture)
 
 
 def test_fingerprint_covers_the_catalogue(tmp_path: Path) -> None:
-    """A run is refused against a catalogue whose titles changed (the prompts learned them)."""
+    """Raw data given again with a run is refused when the catalogue's titles or attributes changed (the prompts
+    learned them); the run itself reads its own snapshot, so an edited items file never changes what it loads."""
     from palr.retrieval.load import load_run
     from palr.train.retriever import train_run
 
@@ -122,13 +123,14 @@ def test_fingerprint_covers_the_catalogue(tmp_path: Path) -> None:
     items = tmp_path / "items.csv"
     items.write_text("item,title,genres\n" + "".join(f"i{i},Thing {i},A|B\n" for i in range(7)))
     run = train_run(DataSpec(f"csv:{inter}", items_file=items), "popularity", tmp_path / "run", progress=False)
-    load_run(run)  # unchanged: accepted
+    load_run(run, data_dir=tmp_path)  # unchanged: accepted
     items.write_text("item,title,genres\n" + "".join(f"i{i},Renamed {i},A|B\n" for i in range(7)))
+    assert load_run(run)[2].dataset.catalog.titles[0] == "Thing 0"  # the snapshot, not the edited file
     with pytest.raises(RunError, match=r"catalogue .* changed since the run was trained \(item titles differ\)"):
-        load_run(run)
+        load_run(run, data_dir=tmp_path)
     items.write_text("item,title,genres\n" + "".join(f"i{i},Thing {i},C\n" for i in range(7)))
     with pytest.raises(RunError, match=r"item attributes differ"):
-        load_run(run)
+        load_run(run, data_dir=tmp_path)
 
 
 def test_error_messages_print_literally(tmp_path: Path) -> None:
