@@ -289,6 +289,13 @@ class ExampleConfig:
     source: Literal["valid", "prefixes", "both"] = field(default="prefixes", metadata=opt(
         "Training examples: prefixes (training-sequence prefixes; chosen on held-out validation users, issue 11), "
         "valid (genuine candidates of validation users), both. A held-out share of validation users never trains."))
+    lists: Literal["hard", "retriever"] = field(default="hard", metadata=opt(
+        "Prefix examples' candidate lists: hard (targets + same-genre/co-occurring negatives + retriever top-K, "
+        "shuffled) or retriever (the retriever's own top-K for the prefix in its order, as test lists are; prefixes "
+        "whose target it misses are dropped)."))
+    evidence: Literal["none", "rank"] = field(default="none", metadata=opt(
+        "Candidate evidence in token-style prompts: none, or rank (candidates in the retriever's order, each after "
+        "a token of its retriever-rank bucket, so the LLM can learn the retriever's prior and add to it)."))
     seed: int = field(default=0, metadata=opt("", internal=True))  # set from FinetuneConfig.seed
 
     def __post_init__(self) -> None:

@@ -29,6 +29,7 @@ from palr.data.dataset import Catalog
 __all__ = [
     "MAX_HISTORY",
     "PROMPT_VERSION",
+    "RANK_BOUNDS",
     "Nouns",
     "PromptBuilder",
     "answer_text",
@@ -40,6 +41,7 @@ __all__ = [
     "looks_like_instruction",
     "nouns",
     "profile_prompt",
+    "rank_bucket",
     "recent",
     "recommend_prompt",
     "render_item",
@@ -231,14 +233,36 @@ def split_cue(prompt: str) -> tuple[str, str]:
     return (body, cue) if sep else ("", prompt)
 
 
+# upper bounds of the retriever-rank buckets shown as evidence (rank 1, 2, ..., 6-7, 8-10, ..., 31-50, > 50)
+RANK_BOUNDS = (1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50)
+
+
+def rank_bucket(rank: int) -> int:
+    """The bucket (0 .. len(RANK_BOUNDS)) of a 1-based retriever rank; ranks past the last bound share the last."""
+    r = int(rank)
+    for b, hi in enumerate(RANK_BOUNDS):
+        if r <= hi:
+            return b
+    return len(RANK_BOUNDS)
+
+
 def _token_prompt(catalog: Catalog, task: str, history: Sequence[int], profile: str | None,
-                  candidates: Sequence[int], n: int) -> str:
-    """The embedded model's prompts: items are their tokens (``<i12><i7>``), the rest as in the text style."""
+                  candidates: Sequence[int], n: int, ranks: Sequence[int] | None = None) -> str:
+    """The embedded model's prompts: items are their tokens (``<i12><i7>``), the rest as in the text style.
+
+    ``ranks`` (the retriever's 1-based rank of each candidate; evidence ``rank``): each candidate follows the token
+    of its rank bucket, ``<c0><i12><c1><i7>...`` (:func:`rank_bucket`)."""
     w = nouns(catalog)
     head = {"recommend": f"Recommend {n} other {w.plural} based on user's {w.history}.",
             "recommend_retrieval": f"Recommend {n} other {w.plural} based on user's {w.history} from the candidate list.",
             "verbalizer": f"Choose the next of the candidate {w.plural} based on user's {w.history}."}[task]
-    cands = f"The candidates are {''.join(item_token(i) for i in candidates)}.\n" if task != "recommend" else ""
+    if ranks is None:
+        listed = "".join(item_token(i) for i in candidates)
+    else:
+        if len(ranks) != len(candidates):
+            raise ValueError(f"{len(candidates)} candidates but {len(ranks)} ranks")
+        listed = "".join(label_token(rank_bucket(r)) + item_token(i) for r, i in zip(ranks, candidates))
+    cands = f"The candidates are {listed}.\n" if task != "recommend" else ""
     hist = "".join(item_token(i) for i in history)
     return f"{head}\n{history_head(catalog)}{hist}.\n{_profile_line(profile)}{cands}Output:"
 
@@ -248,13 +272,21 @@ class PromptBuilder:
 
     ``tokens``: items are their added tokens ``<iN>`` (the embedded model; compact and exact);
     ``text``: items are quoted titles (``"Heat (1995)"``, ``"ASIN (title)"``).
+
+    ``evidence="rank"`` (tokens style): each candidate is preceded by the token of its retriever-rank bucket; the
+    ranks are given per prompt, or else are the candidates' positions (lists in the retriever's order, as ranked).
     """
 
     def __init__(self, catalog: Catalog, style: str = "tokens", history_len: int = MAX_HISTORY,
-                 max_title_tokens: int = MAX_TITLE_TOKENS) -> None:
+                 max_title_tokens: int = MAX_TITLE_TOKENS, evidence: str = "none") -> None:
         if style not in ("tokens", "text"):
             raise ValueError(f"unknown prompt style {style!r}; use 'tokens' or 'text'")
+        if evidence not in ("none", "rank"):
+            raise ValueError(f"unknown candidate evidence {evidence!r}; use 'none' or 'rank'")
+        if evidence != "none" and style != "tokens":
+            raise ValueError("candidate evidence needs the tokens style")
         self.catalog, self.style, self.history_len, self.max_title_tokens = catalog, style, history_len, max_title_tokens
+        self.evidence = evidence
         self.nouns = nouns(catalog)
 
     def items(self, items: Sequence[int]) -> str:
@@ -266,11 +298,17 @@ class PromptBuilder:
         return item_token(i) if self.style == "tokens" else render_item(self.catalog, i, self.max_title_tokens)
 
     def prompt(self, task: str, history: Sequence[int], profile: str | None,
-               candidates: Sequence[int] | None = None, labels: Sequence[str] | None = None, n: int = 10) -> str:
+               candidates: Sequence[int] | None = None, labels: Sequence[str] | None = None, n: int = 10,
+               ranks: Sequence[int] | None = None) -> str:
+        """``ranks``: the retriever's 1-based rank of each candidate (evidence ``rank``; default: positions)."""
         hist = recent(history, self.history_len)
         candidates = [] if candidates is None else [int(c) for c in candidates]
         if self.style == "tokens":
-            return _token_prompt(self.catalog, task, hist, profile, candidates, n)
+            if self.evidence == "rank":
+                ranks = list(range(1, len(candidates) + 1)) if ranks is None else [int(r) for r in ranks]
+            else:
+                ranks = None
+            return _token_prompt(self.catalog, task, hist, profile, candidates, n, ranks)
         kw = {"max_history": self.history_len, "max_title_tokens": self.max_title_tokens}
         if task == "recommend":
             return recommend_prompt(self.catalog, hist, profile=profile, n=n, **kw)

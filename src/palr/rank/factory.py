@@ -78,7 +78,7 @@ def build_ranker(run: str | Path, ranking: dict[str, Any], catalog: Any, *, opti
     rc = RankingConfig.from_dict(ranking)
     if llm is None:
         llm, _ = load_ranking_llm(run, rc, opts.device)
-    builder = PromptBuilder(catalog, rc.style, rc.history_len)  # type: ignore[arg-type]
+    builder = PromptBuilder(catalog, rc.style, rc.history_len, evidence=rc.evidence)  # type: ignore[arg-type]
     # a weight from the run was chosen on validation users (zero-shot: chosen later, by the evaluation)
     chosen_on = "" if opts.weight is not None or ranking.get("zero_shot") else "validation users"
     ranker = LLMRanker(llm, builder, mode=opts.mode or rc.mode, weight=rc.weight,  # type: ignore[arg-type]

@@ -67,6 +67,7 @@ class RankingConfig:
     fusion: str = "rank"
     n_candidates: int = 50
     history_len: int = 20
+    evidence: str = "none"  # "rank": token prompts show each candidate's retriever-rank bucket
     profiles: bool = True
     profiler: str = "attributes"
     llm: str = ""

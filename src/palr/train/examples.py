@@ -56,6 +56,7 @@ class Example:
     targets: list[int]
     candidates: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     profile: str | None = None
+    ranks: np.ndarray | None = None  # the retriever's 1-based rank of each candidate (evidence "rank")
 
 
 def select_users(n_users: int, fraction: float, seed: int) -> np.ndarray:
@@ -82,12 +83,15 @@ def training_contexts(split: Split, cfg: ExampleConfig, exclude: Iterable[int] =
     return out
 
 
-def genuine_contexts(split: Split, users: np.ndarray, candidates: np.ndarray, k: int) -> list[Example]:
+def genuine_contexts(split: Split, users: np.ndarray, candidates: np.ndarray, k: int,
+                     retrieved_only: bool = False) -> list[Example]:
     """One example per user: training sequence -> validation item, candidates = the retriever's list for it.
 
     ``candidates`` (U, >= k) are the retriever's ranked lists for the validation stage (row u = user u),
     longer than ``k`` so that the user's test item can be skipped. The target replaces the last candidate
     when the retriever missed it; the list keeps the retriever's order (shuffled later with a seed).
+    ``retrieved_only`` (lists that keep the retriever's order and rank): users whose target the retriever missed
+    are dropped instead, so no list teaches a rank the retriever did not give; ``ranks`` = positions.
     """
     out = []
     for u in users:
@@ -95,8 +99,11 @@ def genuine_contexts(split: Split, users: np.ndarray, candidates: np.ndarray, k:
         tgt, test = int(split.valid_targets[u]), int(split.test_targets[u])
         row = [int(c) for c in candidates[u] if int(c) != test][:k]
         if tgt not in row:
+            if retrieved_only:
+                continue
             row[-1] = tgt
-        out.append(Example(u, split.train[u], [tgt], np.array(row, dtype=np.int64)))
+        out.append(Example(u, split.train[u], [tgt], np.array(row, dtype=np.int64),
+                           ranks=np.arange(1, len(row) + 1) if retrieved_only else None))
     return out
 
 
@@ -156,20 +163,34 @@ class NegativeSampler:
 
 def attach_candidates(examples: list[Example], split: Split, retriever: Any, cfg: ExampleConfig,
                       batch_size: int = 512, progress: bool = False) -> list[Example]:
-    """Fill ``candidates``: targets + hard negatives, shuffled; the user's valid/test items never appear."""
+    """Fill ``candidates``; the user's valid/test items never appear.
+
+    ``cfg.lists == "hard"``: targets + hard negatives, shuffled (with ``cfg.evidence == "rank"``: sorted by the
+    retriever's score for the prefix instead, ``ranks`` = the retriever's full-catalogue ranks).
+    ``cfg.lists == "retriever"``: the retriever's top-K for the prefix in its order (``ranks`` = positions); the
+    examples whose target it misses are dropped (the returned list may be shorter)."""
     from tqdm.auto import tqdm
 
 
     rng = np.random.default_rng(cfg.seed + 1)
-    sampler = NegativeSampler(split)
+    sampler = NegativeSampler(split) if cfg.lists == "hard" else None
     forbidden = np.stack([split.valid_targets, split.test_targets], axis=1)  # (U, 2)
     K = min(cfg.n_candidates, split.n_items)
+    kept: list[Example] = []
     for start in tqdm(range(0, len(examples), batch_size), desc="candidates", disable=not progress_enabled(progress), leave=False):
         batch = examples[start:start + batch_size]
         hists = [e.history for e in batch]
-        top, _ = top_k(retriever.score(hists), hists, K + 2)
-        for e, row in zip(batch, top):
+        scores = retriever.score(hists)
+        top, _ = top_k(scores, hists, K + 2)
+        for b, (e, row) in enumerate(zip(batch, top)):
             bad = set(forbidden[e.user].tolist()) | set(e.history.tolist())
+            if sampler is None:  # the retriever's own list, in its order
+                listed = [int(it) for it in row.tolist() if it not in bad][:K]
+                if e.targets[0] in listed:
+                    e.candidates = np.array(listed, dtype=np.int64)
+                    e.ranks = np.arange(1, len(listed) + 1)
+                    kept.append(e)
+                continue
             chosen: list[int] = list(dict.fromkeys(e.targets))
             extra: list[int] = []
             for t in e.targets:
@@ -184,9 +205,16 @@ def attach_candidates(examples: list[Example], split: Split, retriever: Any, cfg
                 chosen += rng.choice(pool, size=min(K - len(chosen), len(pool)), replace=False).tolist()
             cands = np.array(chosen, dtype=np.int64)
             rng.shuffle(cands)
+            if cfg.evidence == "rank":  # the retriever's order and full-catalogue rank of each candidate
+                s = np.where(np.isnan(scores[b]), -np.inf, np.asarray(scores[b], np.float64))
+                s[e.history] = -np.inf
+                ranks = (s[None, :] > s[cands][:, None]).sum(axis=1) + 1
+                order = np.argsort(ranks, kind="stable")
+                cands, e.ranks = cands[order], ranks[order]
             e.candidates = cands
-    check_no_leak(examples, split)
-    return examples
+            kept.append(e)
+    check_no_leak(kept, split)
+    return kept
 
 
 def check_no_leak(examples: Iterable[Example], split: Split, held_out: Iterable[int] = ()) -> None:
@@ -226,7 +254,7 @@ def augment_swap(examples: list[Example], prob: float, rng: np.random.Generator)
             h[j], tgt = e.targets[0], int(e.history[j])
             cands = e.candidates.copy()
             cands[cands == e.targets[0]] = tgt
-            extra.append(Example(e.user, h, [tgt, *e.targets[1:]], cands, e.profile))
+            extra.append(Example(e.user, h, [tgt, *e.targets[1:]], cands, e.profile, e.ranks))
     return examples + extra
 
 

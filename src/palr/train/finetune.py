@@ -173,7 +173,10 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         ex += attach_candidates(training_contexts(split, cfg.examples, exclude=held_out), split, retriever,
                                 cfg.examples, progress=progress)
     if source in ("valid", "both"):
-        ex += shuffle_candidates(genuine_contexts(split, fit_users, ranked, K), cfg.seed)
+        # lists that keep the retriever's order (rank evidence, or retriever lists) drop the users it missed
+        in_order = cfg.examples.evidence == "rank" or cfg.examples.lists == "retriever"
+        genuine = genuine_contexts(split, fit_users, ranked, K, retrieved_only=in_order)
+        ex += genuine if in_order else shuffle_candidates(genuine, cfg.seed)
     ex = augment_swap(ex, cfg.examples.swap_prob, np.random.default_rng(cfg.seed + 3))
     check_no_leak(ex, split, held_out)
     for e, text in zip(ex, profile_of.texts([e.history for e in ex], [e.user for e in ex])):
@@ -184,7 +187,8 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         feats = CandidateFeatures().fit(split, cfg.text_encoder, cfg.seed)
     with distributed.main_first():  # the main process creates base/, the others load it
         model, tok = build_base(cfg, split, out, retriever, None if feats is None else feats.emb)
-    builder = PromptBuilder(split.dataset.catalog, cfg.style, cfg.examples.history_len)  # type: ignore[arg-type]
+    builder = PromptBuilder(split.dataset.catalog, cfg.style, cfg.examples.history_len,  # type: ignore[arg-type]
+                            evidence=cfg.examples.evidence)
     ckpt = out / "checkpoints"
     pre_losses: list[float] = []
     if cfg.base_model == "mini" and cfg.pretrain_epochs > 0 and not _last_checkpoint(ckpt):
@@ -196,7 +200,7 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         labels_text = single_token_labels(tok, cfg.examples.n_candidates)
     if main:
         n_rec = write_jsonl(out / "instructions.jsonl", records(ex[:2000], cfg.tasks, lambda e, t: (
-            builder.prompt(t, e.history, e.profile, e.candidates.tolist(), labels_text),
+            builder.prompt(t, e.history, e.profile, e.candidates.tolist(), labels_text, ranks=e.ranks),
             builder.answer(t, e.targets, {int(c): labels_text[k] for k, c in enumerate(e.candidates)}
                            if labels_text and t == "verbalizer" else None))))
     rows = encode_records(ex, split, tok, builder, cfg.tasks, cfg.max_length, labels_text)
@@ -285,8 +289,8 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         history = [h for h in trainer.state.log_history if "eval_ndcg@10" in h]
         ranking = RankingConfig(
             mode="verbalizer", style=cfg.style, weight=final["weight"], fusion=final["fusion"],
-            n_candidates=cfg.examples.n_candidates, history_len=cfg.examples.history_len, profiles=cfg.profiles,
-            profiler=cfg.profiler, base_model=cfg.base_model, llm_dir=llm_dir.name,
+            n_candidates=cfg.examples.n_candidates, history_len=cfg.examples.history_len,
+            evidence=cfg.examples.evidence, profiles=cfg.profiles, profiler=cfg.profiler, base_model=cfg.base_model, llm_dir=llm_dir.name,
             lora=bool(cfg.lora_r and cfg.base_model != "mini"), features=features_doc, stacked=stacked_doc,
             user_attributes=bool(cfg.profiles and split.dataset.user_attributes),
             candidates=None if sources is None else {"dir": "candidate_sources", "counts": sources.counts}).write(out)

@@ -276,7 +276,7 @@ def encode_records(examples: list[Example], split: Split, tok: Any, builder: Pro
             if task == "verbalizer" and builder.style == "text":
                 lab_map = {int(c): labels_text[k] for k, c in enumerate(e.candidates)}  # type: ignore[index]
             prompt = builder.prompt(task, e.history, e.profile, e.candidates.tolist(),
-                                    labels_text if builder.style == "text" else None)
+                                    labels_text if builder.style == "text" else None, ranks=e.ranks)
             answer = builder.answer(task, e.targets, lab_map)
             p_ids = tok.encode(prompt, add_special_tokens=True)
             a_ids = tok.encode(answer, add_special_tokens=False) + ([] if task == "verbalizer" else [tok.eos_token_id])
