@@ -101,3 +101,38 @@ def test_genuine_lists_in_retriever_order_drop_missed_users_and_held_out_users(s
     listed = {int(u): [c for c in ranked[u] if c != synth_split.test_targets[u]][:20] for u in fit_u}
     kept = [u for u in fit_u if synth_split.valid_targets[u] in listed[int(u)]]
     assert [e.user for e in ex] == [int(u) for u in kept] and len(kept) < len(fit_u)
+
+
+def test_a_run_fine_tuned_with_rank_evidence_ranks_with_it(tmp_path) -> None:
+    """End to end on a tiny ml-100k-format set: the run records the evidence, ranks with the same prompts, and
+    keeps the held-out users' per-user ranks (LLM alone, retriever alone, fused) for paired CIs."""
+    pytest.importorskip("transformers")
+    import json
+
+    from tiny_runs import write_fake_ml100k
+
+    from palr.core.metrics import ndcg
+    from palr.core.settings import FinetuneConfig, MiniConfig
+    from palr.rank.pipeline import PALR
+    from palr.train.finetune import finetune
+    from palr.train.retriever import train_run
+
+    data_dir = write_fake_ml100k(tmp_path / "data")
+    rrun = train_run("ml-100k", "sasrec", tmp_path / "retriever", params={"epochs": 2, "hidden": 16, "max_len": 50},
+                     data_dir=data_dir, progress=False)
+    cfg = FinetuneConfig(epochs=1.0, valid_users=40, batch_size=16, mini=MiniConfig(vocab=300, dim=32, layers=1),
+                         pretrain_epochs=0, feature_ranker=False,
+                         examples=ExampleConfig(positions_per_user=3, n_candidates=20, lists="retriever",
+                                                evidence="rank", source="both"))
+    run = finetune(rrun, tmp_path / "palr", cfg, data_dir=data_dir, progress=False)
+    assert json.loads((run / "ranking.json").read_text())["evidence"] == "rank"
+    first = json.loads((run / "instructions.jsonl").read_text().splitlines()[0])
+    assert re.search(r"<c0><i\d+><c1><i\d+>", first["input"])  # listed best first, with their rank buckets
+    palr = PALR.load(run, data_dir=data_dir)
+    assert palr.ranker.builder.evidence == "rank"
+    held = np.load(run / "held_out_ranks.npz")
+    _, held_out = split_users(len(palr.split.train), cfg.holdout, cfg.seed)
+    assert set(held["users"].tolist()) <= set(held_out.tolist()) and len(held["llm"]) == len(held["users"])
+    m = json.loads((run / "metrics.json").read_text())["valid"]
+    assert ndcg(held["llm"], 10) == pytest.approx(m["ndcg@10_llm"])
+    assert ndcg(held["retriever"], 10) == pytest.approx(m["ndcg@10_retriever"])

@@ -247,7 +247,8 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
 
     llm = HFLLM.from_objects(model, tok, batch_size=64)
     vs_all = validation_set(split, valid_cands, cfg.weight_users, profile_of, cfg.seed, among=held_out)
-    final = rank_metrics(Ranker(llm, builder), vs_all)  # sharded, the same result on every process
+    held_ranks: dict[str, np.ndarray] = {}
+    final = rank_metrics(Ranker(llm, builder), vs_all, held_ranks)  # sharded, the same result on every process
     features_doc = None
     if cfg.feature_ranker:  # 6. the feature ranker (fit share, stopped on the held-out share), fused on held-out
 
@@ -290,10 +291,12 @@ def finetune(retriever_run: str | Path, out: str | Path, cfg: FinetuneConfig, *,
         ranking = RankingConfig(
             mode="verbalizer", style=cfg.style, weight=final["weight"], fusion=final["fusion"],
             n_candidates=cfg.examples.n_candidates, history_len=cfg.examples.history_len,
-            evidence=cfg.examples.evidence, profiles=cfg.profiles, profiler=cfg.profiler, base_model=cfg.base_model, llm_dir=llm_dir.name,
-            lora=bool(cfg.lora_r and cfg.base_model != "mini"), features=features_doc, stacked=stacked_doc,
-            user_attributes=bool(cfg.profiles and split.dataset.user_attributes),
+            evidence=cfg.examples.evidence, profiles=cfg.profiles, profiler=cfg.profiler, base_model=cfg.base_model,
+            llm_dir=llm_dir.name, lora=bool(cfg.lora_r and cfg.base_model != "mini"), features=features_doc,
+            stacked=stacked_doc, user_attributes=bool(cfg.profiles and split.dataset.user_attributes),
             candidates=None if sources is None else {"dir": "candidate_sources", "counts": sources.counts}).write(out)
+        # per held-out validation user: target rank by the LLM alone, the retriever alone, the fusion (paired CIs)
+        np.savez_compressed(out / "held_out_ranks.npz", users=vs_all.users, **held_ranks)
         world = distributed.world_size()
         metrics = {"valid": final, "valid_per_epoch": history, "pretrain_losses": pre_losses,
                    "curve": trainer.palr_curve, "train_loss_steps": downsample(trainer.palr_losses),

@@ -363,8 +363,11 @@ def validation_set(split: Split, candidates: tuple[np.ndarray, np.ndarray], n_us
     return ValidationSet(users, hist, prof, cands[users], split.valid_targets[users], scores[users])
 
 
-def rank_metrics(ranker: Ranker, vs: ValidationSet) -> dict[str, float]:
+def rank_metrics(ranker: Ranker, vs: ValidationSet, per_user: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """NDCG@10 of the LLM alone, of the retriever alone, and of the best fusion weight on this set.
+
+    ``per_user`` (a dict, filled): each user's 1-based target rank by the LLM alone (``llm``), the retriever alone
+    (``retriever``) and the chosen fusion (``fused``), 10**9 where the target is not a candidate.
 
     Under a launcher each process scores its block of whole batches of users and every process gets all of them,
     so the choice is the same everywhere (and the same as one process's)."""
@@ -374,6 +377,11 @@ def rank_metrics(ranker: Ranker, vs: ValidationSet) -> dict[str, float]:
     part = ranker.verbalizer_logprobs(vs.histories[lo:hi], vs.profiles[lo:hi], vs.candidates[lo:hi])
     lp = distributed.gather_arrays({"lp": part}, everyone=True)["lp"]  # type: ignore[index]
     kind, best_w, table = choose_weight(lp, vs.candidates, vs.targets, FUSION_GRID, scores=vs.scores)
-    llm_only = ndcg(positional_ranks(fuse(lp, 0.0), vs.candidates, vs.targets), 10)
+    llm_ranks = positional_ranks(fuse(lp, 0.0), vs.candidates, vs.targets)
+    llm_only = ndcg(llm_ranks, 10)
+    if per_user is not None:
+        per_user.update(llm=llm_ranks, fused=positional_ranks(fuse(lp, best_w, vs.scores, kind), vs.candidates,
+                                                              vs.targets),
+                        retriever=positional_ranks(fuse(lp, float("inf")), vs.candidates, vs.targets))
     return {"ndcg@10": table[f"{kind}:{best_w}"], "ndcg@10_llm": llm_only, "ndcg@10_retriever": table["rank:inf"],
             "weight": best_w, "fusion": kind}
