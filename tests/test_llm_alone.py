@@ -136,3 +136,19 @@ def test_a_run_fine_tuned_with_rank_evidence_ranks_with_it(tmp_path) -> None:
     m = json.loads((run / "metrics.json").read_text())["valid"]
     assert ndcg(held["llm"], 10) == pytest.approx(m["ndcg@10_llm"])
     assert ndcg(held["retriever"], 10) == pytest.approx(m["ndcg@10_retriever"])
+
+
+def test_list_noise_blurs_the_retriever_lists_of_training_prefixes(synth_split: Split) -> None:
+    ret = make_retriever("itemknn").fit(synth_split.train, synth_split.n_items)
+    base = ExampleConfig(positions_per_user=4, n_candidates=20, lists="retriever", evidence="rank", seed=1)
+    noisy = ExampleConfig(positions_per_user=4, n_candidates=20, lists="retriever", evidence="rank", seed=1,
+                          list_noise=1.0)
+    a = attach_candidates(training_contexts(synth_split, base), synth_split, ret, base)
+    b = attach_candidates(training_contexts(synth_split, noisy), synth_split, ret, noisy)
+    b2 = attach_candidates(training_contexts(synth_split, noisy), synth_split, ret, noisy)
+    assert [e.candidates.tolist() for e in b] == [e.candidates.tolist() for e in b2]  # seeded
+    assert [e.candidates.tolist() for e in a] != [e.candidates.tolist() for e in b]
+    check_no_leak(b, synth_split)
+    assert all(e.targets[0] in e.candidates and e.ranks.tolist() == list(range(1, 21)) for e in b)
+    with pytest.raises(Exception, match="list-noise"):
+        ExampleConfig(list_noise=-1.0)

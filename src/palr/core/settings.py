@@ -293,6 +293,9 @@ class ExampleConfig:
         "Prefix examples' candidate lists: hard (targets + same-genre/co-occurring negatives + retriever top-K, "
         "shuffled) or retriever (the retriever's own top-K for the prefix in its order, as test lists are; prefixes "
         "whose target it misses are dropped)."))
+    list_noise: float = field(default=0.0, metadata=opt(
+        "Retriever lists of training prefixes: Gumbel noise (times each row's score std) added to the retriever's "
+        "scores first, so lists of prefixes it was fitted on are as uncertain as test lists (0: none)."))
     evidence: Literal["none", "rank"] = field(default="none", metadata=opt(
         "Candidate evidence in token-style prompts: none, or rank (candidates in the retriever's order, each after "
         "a token of its retriever-rank bucket, so the LLM can learn the retriever's prior and add to it)."))
@@ -300,6 +303,8 @@ class ExampleConfig:
 
     def __post_init__(self) -> None:
         _fraction(swap_prob=self.swap_prob)
+        if self.list_noise < 0:
+            raise ConfigError(f"--list-noise must be >= 0, got {self.list_noise}")
         if not 0.0 < self.user_fraction <= 1.0:
             raise ConfigError(f"--user-fraction must be in (0, 1], got {self.user_fraction}")
         _positive(positions=self.positions_per_user, history_len=self.history_len, candidates=self.n_candidates,

@@ -168,7 +168,8 @@ def attach_candidates(examples: list[Example], split: Split, retriever: Any, cfg
     ``cfg.lists == "hard"``: targets + hard negatives, shuffled (with ``cfg.evidence == "rank"``: sorted by the
     retriever's score for the prefix instead, ``ranks`` = the retriever's full-catalogue ranks).
     ``cfg.lists == "retriever"``: the retriever's top-K for the prefix in its order (``ranks`` = positions); the
-    examples whose target it misses are dropped (the returned list may be shorter)."""
+    examples whose target it misses are dropped (the returned list may be shorter); ``cfg.list_noise`` > 0 first adds
+    seeded Gumbel noise (times the row's score std) to the retriever's scores."""
     from tqdm.auto import tqdm
 
 
@@ -177,10 +178,15 @@ def attach_candidates(examples: list[Example], split: Split, retriever: Any, cfg
     forbidden = np.stack([split.valid_targets, split.test_targets], axis=1)  # (U, 2)
     K = min(cfg.n_candidates, split.n_items)
     kept: list[Example] = []
+    noise_rng = np.random.default_rng(cfg.seed + 11)
     for start in tqdm(range(0, len(examples), batch_size), desc="candidates", disable=not progress_enabled(progress), leave=False):
         batch = examples[start:start + batch_size]
         hists = [e.history for e in batch]
         scores = retriever.score(hists)
+        if sampler is None and cfg.list_noise > 0:  # the retriever fitted these prefixes: blur its certainty
+            scores = np.asarray(scores, np.float64)
+            sd = np.nanstd(np.where(np.isfinite(scores), scores, np.nan), axis=1, keepdims=True)
+            scores = scores + cfg.list_noise * sd * noise_rng.gumbel(size=scores.shape)
         top, _ = top_k(scores, hists, K + 2)
         for b, (e, row) in enumerate(zip(batch, top)):
             bad = set(forbidden[e.user].tolist()) | set(e.history.tolist())
