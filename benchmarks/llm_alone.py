@@ -47,8 +47,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "v7": (["--evidence", "rank", "--lists", "retriever", "--epochs", "6", "--pretrain-epochs", "6"],
            "v2, 6 + 6 epochs"),
     "v8": (["--evidence", "rank", "--lists", "retriever", "--list-noise", "0.3"],
-           "v2 with noisy prefix lists (SASRec fitted the prefixes: NDCG@10 0.22 on them vs 0.108 on validation; "
-           "noise 0.3 brings them to ~0.11)"),
+           ("v2 with noisy prefix lists (SASRec fitted the prefixes: NDCG@10 0.22 on them vs 0.108 on validation; "
+            "noise 0.3 brings them to ~0.11)")),
 }
 
 
