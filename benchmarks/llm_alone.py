@@ -49,6 +49,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "v8": (["--evidence", "rank", "--lists", "retriever", "--list-noise", "0.3"],
            ("v2 with noisy prefix lists (SASRec fitted the prefixes: NDCG@10 0.22 on them vs 0.108 on validation; "
             "noise 0.3 brings them to ~0.11)")),
+    "v9": (["--evidence", "rank", "--lists", "retriever", "--list-noise", "0.3", "--epochs", "8"], "v8, 8 epochs"),
+    "v10": (["--evidence", "rank", "--lists", "retriever", "--list-noise", "0.3", "--epochs", "8", "--mini-dim", "128",
+             "--mini-layers", "4"], "v8, 8 epochs, dim 128, 4 layers"),
 }
 
 
