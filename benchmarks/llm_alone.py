@@ -52,6 +52,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "v9": (["--evidence", "rank", "--lists", "retriever", "--list-noise", "0.3", "--epochs", "8"], "v8, 8 epochs"),
     "v10": (["--evidence", "rank", "--lists", "retriever", "--list-noise", "0.3", "--epochs", "8", "--mini-dim", "128",
              "--mini-layers", "4"], "v8, 8 epochs, dim 128, 4 layers"),
+    "v11": (["--evidence", "rank", "--lists", "retriever", "--list-noise", "0.3", "--listwise-weight", "3"],
+            "v8, listwise weight 3"),
 }
 
 
