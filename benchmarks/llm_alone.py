@@ -91,7 +91,14 @@ def test_row(name: str, out: Path, log: Path) -> dict[str, Any]:
         sh(["palr", "-q", "evaluate", "--run", str(out), "--out", str(out / "test.json"),
             "--predictions", str(preds["palr"]), "--retriever-predictions", str(preds["sasrec"]),
             *(["--llm-predictions", str(preds["llm"])] if llm_predictions_supported() else [])], log)
-    return {"variant": name, "results": json.loads((out / "test.json").read_text())}
+    doc = json.loads((out / "test.json").read_text())
+    row: dict[str, Any] = {"variant": name}
+    for key, entry in doc.get("comparisons", {}).items():
+        c = entry.get("test", {}).get("NDCG@10")
+        if c:
+            row[key] = {"model": c["mean_a"], "baseline": c["mean_b"], "ratio": c["ratio"],
+                        "ratio_ci95": c["ratio_ci95"], "p": c["p_value"]}
+    return row
 
 
 def llm_predictions_supported() -> bool:
@@ -125,6 +132,12 @@ def main() -> None:
     for r in rows:
         print(f"| {r['variant']} | `{r['flags'] or '(defaults)'}` | {r['llm']:.4f} | {r['sasrec']:.4f} "
               f"| {r['ratio_text']} | {r['fused']:.4f} (w {r['weight']}) | {r['seconds']} |")
+
+    for t in tests:
+        for key, c in t.items():
+            if key != "variant":
+                print(f"test, {t['variant']}: {key}: {c['model']:.4f} vs {c['baseline']:.4f}, ratio {c['ratio']:.3f} "
+                      f"{c['ratio_ci95']}, p {c['p']}")
 
 
 if __name__ == "__main__":
