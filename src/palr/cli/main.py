@@ -138,6 +138,7 @@ def evaluate(cfg: C.EvaluateConfig) -> None:
                                     retriever_predictions=cfg.retriever_predictions, data_dir=cfg.data.data_dir,
                                     per_user=cfg.per_user, llm=cfg.llm, allow_fallback=cfg.allow_fallback,
                                     llm_predictions=cfg.llm_predictions,
+                                    trust_run_llm=cfg.trust_run_llm,
                                     n_users=cfg.users, seed=cfg.seed,
                                     n_candidates=(cfg.candidates or None) if cfg.llm else None,
                                     latency_users=20 if cfg.llm else 100)
@@ -324,7 +325,8 @@ def recommend(cfg: C.RecommendConfig) -> None:
     from palr.rank.pipeline import PALR
 
     titles = split_titles(cfg.history_titles) if cfg.history_titles is not None else None
-    palr = PALR.load(cfg.run, cfg.data_dir, mode=cfg.mode, llm=cfg.llm, allow_fallback=cfg.allow_fallback)
+    palr = PALR.load(cfg.run, cfg.data_dir, mode=cfg.mode, llm=cfg.llm, allow_fallback=cfg.allow_fallback,
+                     trust_run_llm=cfg.trust_run_llm)
     rec = palr.recommend(user=cfg.user, history=cfg.history, k=cfg.k, explain=cfg.explain, history_titles=titles,
                          llm_explanations=cfg.llm_explanations)
     if cfg.json:
@@ -366,7 +368,8 @@ def demo(cfg: C.DemoConfig) -> None:
 def serve(cfg: C.ServeConfig) -> None:
     from palr.serve.app import serve as run_service
 
-    run_service(cfg.run, cfg.service, data_dir=cfg.data_dir, llm=cfg.llm, allow_fallback=cfg.allow_fallback)
+    run_service(cfg.run, cfg.service, data_dir=cfg.data_dir, llm=cfg.llm, allow_fallback=cfg.allow_fallback,
+                trust_run_llm=cfg.trust_run_llm)
 
 
 COMMANDS: list[tuple[Any, str, type, Any]] = [

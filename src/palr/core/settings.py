@@ -25,6 +25,8 @@ from palr.core.options import opt
 TASKS = ("recommend", "recommend_retrieval", "verbalizer")  # fine-tuning tasks (palr.finetune.data)
 LLM_HELP = ("Rank with this LLM: hf:PATH_OR_ID, openai:MODEL@URL, mini:DIR. With a retriever run: zero-shot "
             "ranking of its candidates.")
+TRUST_HELP = ("Use the remote LLM endpoint the run's ranking.json names (sent without credentials); by default a "
+              "run file cannot make palr send data anywhere: name an endpoint with --llm instead.")
 FALLBACK_HELP = ("Keep the retriever's order when the LLM server cannot be reached (counted), instead of stopping.")
 # the retriever registry's names (palr.retrieval.base.REGISTRY; importing it here would be circular: a test
 # checks the two agree)
@@ -175,6 +177,7 @@ class EvaluateConfig:
         "The model the others are compared with (default: the first --retriever)."))
     llm: str | None = field(default=None, metadata=opt(LLM_HELP))
     allow_fallback: bool = field(default=False, metadata=opt(FALLBACK_HELP))
+    trust_run_llm: bool = field(default=False, metadata=opt(TRUST_HELP))
     users: int = field(default=0, metadata=opt("With a PALR run or --llm: a seeded sample of test users (0 = all)."))
 
     def __post_init__(self) -> None:
@@ -421,6 +424,7 @@ class RecommendConfig:
     history_titles: str | None = field(default=None, metadata=opt("Titles separated by '|', matched fuzzily."))
     llm: str | None = field(default=None, metadata=opt(LLM_HELP))
     allow_fallback: bool = field(default=False, metadata=opt(FALLBACK_HELP))
+    trust_run_llm: bool = field(default=False, metadata=opt(TRUST_HELP))
     k: int = field(default=10, metadata=opt("How many items (1 to the run's candidate count).", "--k", "-k"))
     explain: bool = field(default=False, metadata=opt("One sentence per item."))
     llm_explanations: bool = field(default=False, metadata=opt(
@@ -481,6 +485,7 @@ class ServeConfig:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     llm: str | None = field(default=None, metadata=opt(LLM_HELP))
     allow_fallback: bool = field(default=False, metadata=opt(FALLBACK_HELP))
+    trust_run_llm: bool = field(default=False, metadata=opt(TRUST_HELP))
     data_dir: Path | None = field(default=None, metadata=opt(RUN_DATA_HELP))
 
 

@@ -252,7 +252,7 @@ def evaluate_palr_run(run: str | Path, out: str | Path | None = None, prediction
                       n_users: int = 0, seed: int = 0, n_candidates: int | None = None,
                       valid_users: int | None = None, profiler: str | None = None,
                       latency_users: int = 100, weight: float | None = None,
-                      fusion: str | None = None) -> dict[str, Any] | None:
+                      fusion: str | None = None, trust_run_llm: bool = False) -> dict[str, Any] | None:
     """`palr evaluate --run RUN [--llm SPEC]`: the test split, retriever and PALR measured in one run; PALR (and
     the LLM alone) compared with its retriever on the same users (paired-bootstrap 95% CIs of the difference and
     ratio, p-value). ``llm_predictions``: also write the LLM ranker's order alone over the same candidates (JSONL
@@ -267,7 +267,7 @@ def evaluate_palr_run(run: str | Path, out: str | Path | None = None, prediction
 
     distributed.init()  # before the model loads: each process takes its own GPU
     palr = PALR.load(run, data_dir, mode=mode, llm=llm, allow_fallback=allow_fallback, n_candidates=n_candidates,
-                     profiler=profiler, weight=weight)
+                     profiler=profiler, weight=weight, trust_run_llm=trust_run_llm)
     if fusion is not None:
         palr.ranker.fusion = palr.ranking["fusion"] = fusion
     split = palr.split

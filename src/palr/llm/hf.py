@@ -35,7 +35,8 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
-def _looks_local(target: str) -> bool:
+def looks_local(target: str) -> bool:
+    """A path (never a hub id): starts with . / ~, exists, or has more than one slash."""
     return target.startswith((".", "/", "~")) or Path(target).expanduser().exists() or target.count("/") > 1
 
 
@@ -49,6 +50,7 @@ class HFLLM:
         adapter: a PEFT/LoRA adapter directory applied on top of the base model.
         batch_size: prompts per forward pass (multi-token scoring batches prompt x label pairs).
         chat: "auto" (the chat template when the tokenizer has one), "on" or "off".
+        offline: a hub id is read from the local Hugging Face cache only, never downloaded (a run file named it).
 
     ``.model`` and ``.tokenizer`` are the transformers objects (left padding, pad token always set),
     for fine-tuning code.
@@ -56,12 +58,12 @@ class HFLLM:
 
     def __init__(self, path: str | Path, *, dtype: str = "auto", device: str = "auto",
                  adapter: str | Path | None = None, batch_size: int = 8,
-                 trust_remote_code: bool = False, chat: str | bool = "auto") -> None:
+                 trust_remote_code: bool = False, chat: str | bool = "auto", offline: bool = False) -> None:
         import torch
         import transformers
 
         target = str(path)
-        local = _looks_local(target)
+        local = looks_local(target)
         if local:
             p = Path(target).expanduser()
             if not p.exists():
@@ -77,6 +79,8 @@ class HFLLM:
             raise PalrError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))}")
         torch_dtype = getattr(torch, _DTYPES[dtype])
         try:
+            if offline:
+                local = True
             config = transformers.AutoConfig.from_pretrained(target, local_files_only=local,
                                                              trust_remote_code=trust_remote_code)
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -85,7 +89,15 @@ class HFLLM:
                 target, config=config, dtype=torch_dtype, local_files_only=local,
                 trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError) as e:
-            raise PalrError(f"cannot load a causal language model from {target!r}: {e}") from e
+            if offline and not looks_local(target):
+                raise PalrError(f"the run names the base model {target!r}, which is not in the local Hugging Face "
+                                "cache; palr does not download a model a run file names: download it yourself "
+                                f"(huggingface-cli download {target}) and retry") from None
+            raise PalrError(f"cannot load a causal language model from {target!r}: {' '.join(str(e).split())[:300]}") from e
+        except Exception as e:  # safetensors' SafetensorError and other damaged-file errors: one line naming it
+            if type(e).__name__ not in ("SafetensorError", "HeaderTooLarge", "DecodeError", "UnpicklingError"):
+                raise
+            raise PalrError(f"{target}: damaged model files ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
         if adapter is not None:
             model = self._apply_adapter(model, Path(adapter).expanduser())
         self.model = model.to(device).eval()

@@ -16,7 +16,7 @@ log-probabilities at all to a short generated answer whose first label gets 0 an
 ``self.last_scoring`` says which ("echo", "top_logprobs", "parsed").
 
 Failures are counted (``self.failures``: requests that failed after all retries). A server that cannot be reached
-(connection refused, timeouts) raises :class:`palr.core.errors.LLMUnavailable`; after one such failure the next requests
+(connection refused, timeouts) or keeps failing (HTTP 5xx, 429, 408 after the retries) raises :class:`palr.core.errors.LLMUnavailable`; after one such failure the next requests
 get a single attempt until one succeeds, so a dead server is noticed in seconds, not minutes.
 """
 
@@ -134,7 +134,7 @@ class OpenAILLM:
             else:
                 unreachable = False
                 if resp.status_code in _RETRY_STATUS:
-                    last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                    last, unreachable = f"HTTP {resp.status_code}: {resp.text[:200]}", True  # a failing server
                 elif resp.status_code >= 400:
                     self.consecutive_unreachable = 0
                     raise _Refused(f"{self.base_url}{path} refused the request: HTTP {resp.status_code}: "
@@ -150,7 +150,8 @@ class OpenAILLM:
         self.failures += 1
         if unreachable:
             self.consecutive_unreachable += 1
-            raise LLMUnavailable(f"LLM server {self.base_url} unreachable ({attempts} attempts): {last}")
+            raise LLMUnavailable(f"LLM server {self.base_url} unreachable or failing ({attempts} attempts): "
+                                 f"{' '.join(last.split())[:300]}")
         self.consecutive_unreachable = 0
         raise LLMRequestFailed(f"LLM server {self.base_url}{path} failed after {attempts} attempts: {last}")
 

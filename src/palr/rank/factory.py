@@ -26,6 +26,7 @@ from palr.rank.protocol import Ranker
 from palr.rank.stacked import StackedRanker
 from palr.rank.trees import FeatureRanker
 from palr.retrieval.candidates import CandidateSources
+from palr.runs.safety import inside_run
 
 MODES = ("verbalizer", "generative")
 
@@ -48,6 +49,7 @@ class RankOptions:
     weight: float | None = None
     profile_cache: str | Path | None = None
     features: bool = True
+    trust_run_llm: bool = False  # use a remote endpoint the run's ranking.json names (never with credentials)
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in MODES:
@@ -55,9 +57,12 @@ class RankOptions:
             raise InputError(f"unknown ranking mode {shown!r}: choose {' or '.join(MODES)}")
 
 
-def load_ranking_llm(run: Path, rc: RankingConfig, device: str = "auto") -> tuple[Any, str]:
-    """(the LLM the ranking config names, its spec)."""
-    spec, options = rc.llm_spec(run)
+def load_ranking_llm(run: Path, rc: RankingConfig, device: str = "auto", *, user_llm: str | None = None,
+                     trust: bool = False) -> tuple[Any, str]:
+    """(the LLM the ranking config names, its spec). ``user_llm``: the spec the user named (used as given,
+    credentials included); otherwise the run's, vetted by :mod:`palr.llm.trust` (``trust``: a remote endpoint the
+    run names may be used, without credentials)."""
+    spec, options = (user_llm, {}) if user_llm else rc.llm_spec(run, trust=trust)
     if spec.split(":", 1)[0] in ("hf", "mini") or Path(spec).exists():
         options = {"device": device, **options}
     return load_llm(spec, **options), spec
@@ -73,11 +78,12 @@ def build_ranker(run: str | Path, ranking: dict[str, Any], catalog: Any, *, opti
     run, opts = Path(run), options or RankOptions()
     if ranking.get("ranker") == "features":  # the feature re-ranker: no LLM, no profiles
         if ranking.get("stacked"):  # over merged candidates: the stacked trees without LLM features
-            return StackedRanker.load(run / ranking["stacked"]["dir"], None, sources)
-        return FeatureRanker.load(run / ranking["ranker_dir"])
+            return StackedRanker.load(inside_run(run, str(ranking["stacked"].get("dir", "")), "stacked.dir"), None,
+                                      sources)
+        return FeatureRanker.load(inside_run(run, str(ranking.get("ranker_dir", "")), "ranker_dir"))
     rc = RankingConfig.from_dict(ranking)
     if llm is None:
-        llm, _ = load_ranking_llm(run, rc, opts.device)
+        llm, _ = load_ranking_llm(run, rc, opts.device, user_llm=opts.llm, trust=opts.trust_run_llm)
     builder = PromptBuilder(catalog, rc.style, rc.history_len, evidence=rc.evidence)  # type: ignore[arg-type]
     # a weight from the run was chosen on validation users (zero-shot: chosen later, by the evaluation)
     chosen_on = "" if opts.weight is not None or ranking.get("zero_shot") else "validation users"
@@ -86,10 +92,10 @@ def build_ranker(run: str | Path, ranking: dict[str, Any], catalog: Any, *, opti
                        allow_fallback=opts.allow_fallback, retriever=retriever, chosen_on=chosen_on)
     stacked = ranking.get("stacked") or {}
     if stacked.get("chosen") and opts.features and not opts.llm and ranker.mode == "verbalizer":
-        return StackedRanker.load(run / stacked["dir"], ranker, sources)
+        return StackedRanker.load(inside_run(run, str(stacked.get("dir", "")), "stacked.dir"), ranker, sources)
     feats = ranking.get("features")
     if feats and opts.features and not opts.llm and ranker.mode == "verbalizer":
-        return FusedRanker(ranker, FeatureRanker.load(run / feats["dir"]), float(feats["weight"]),
+        return FusedRanker(ranker, FeatureRanker.load(inside_run(run, str(feats.get("dir", "")), "features.dir")), float(feats["weight"]),
                            chosen_on="held-out users")
     return ranker
 

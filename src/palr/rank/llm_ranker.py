@@ -20,7 +20,6 @@ order stands and the result says so; any other exception is a bug and propagates
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -41,8 +40,10 @@ from palr.llm.prompts import (  # PromptBuilder re-exported: prompts.py owns bot
     item_token,
 )
 from palr.llm.protocol import candidate_labels, single_token_labels
+from palr.llm.trust import run_llm_spec, run_model_spec
 from palr.rank.protocol import LLM, RankResult, label, unused_reason
 from palr.rank.trie import CandidateTrie
+from palr.runs.safety import read_json
 
 log = logging.getLogger(__name__)
 
@@ -99,19 +100,23 @@ class RankingConfig:
         if not path.is_file():
 
             raise RunError(f"{path} is missing: {run} is not a complete PALR run")
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict(read_json(path))
 
-    def llm_spec(self, run: str | Path) -> tuple[str, dict[str, Any]]:
+    def llm_spec(self, run: str | Path, trust: bool = False) -> tuple[str, dict[str, Any]]:
         """(spec, options) for :func:`palr.llm.base.load_llm`. Fine-tuned models read raw prompts (no chat
-        template: they were trained on them)."""
+        template: they were trained on them). The run's files are data (:mod:`palr.llm.trust`): its model lies
+        inside it, a hub id is never downloaded, a remote endpoint it names needs ``trust`` and gets no key."""
         if self.llm:
-            return self.llm, {}
-        run = Path(run)
-        if self.lora:
-            return f"hf:{self.base_model}", {"adapter": run / self.llm_dir, "chat": "off"}
-        if self.base_model == "mini":
-            return f"mini:{run / self.llm_dir}", {"chat": "off", "batch_size": 64}
-        return f"hf:{run / self.llm_dir}", {"chat": "off"}
+            return run_llm_spec(run, self.llm, trust=trust)
+        return run_model_spec(run, self.base_model, self.llm_dir, self.lora)
+
+    def profiler_spec(self, run: str | Path, trust: bool = False) -> tuple[str, dict[str, Any]]:
+        """(profiler spec, LLM options) of the run's ``profiler``: an ``llm:SPEC`` it names is checked like
+        :meth:`llm_spec`."""
+        if self.profiler.startswith("llm:"):
+            spec, options = run_llm_spec(run, self.profiler[4:], trust=trust)
+            return f"llm:{spec}", options
+        return self.profiler, {}
 
 
 def retriever_prior(shape: tuple[int, int], scores: np.ndarray | None = None, kind: str = "rank") -> np.ndarray:

@@ -28,6 +28,7 @@ from palr.rank.protocol import Ranker
 from palr.retrieval.base import load_retriever
 from palr.retrieval.candidates import CandidateSources
 from palr.retrieval.load import load_run
+from palr.runs.safety import inside_run, read_json
 from palr.runs.snapshot import load_run_split
 from palr.runs.store import read_run
 
@@ -68,7 +69,6 @@ def _retriever_name(cfg: dict[str, Any]) -> str:
 
 
 def _run_kind(run: Path) -> str:
-    import json
 
     read_run(run)  # complete, right format
     return str(json.loads((run / "run.json").read_text()).get("kind"))
@@ -109,9 +109,10 @@ class PALR:
         if kind == "palr":
             cfg = read_run(run, "palr")
             split = load_run_split(run, cfg, data_dir=data_dir)  # the run's snapshot, never the raw files
-            raw = json.loads((run / "ranking.json").read_text())
-            retriever = load_retriever(run / "retriever")
-            sources = (CandidateSources.load(run / raw["candidates"]["dir"], retriever)
+            raw = read_json(run / "ranking.json")
+            retriever = load_retriever(inside_run(run, "retriever", "the retriever directory"))
+            sources = (CandidateSources.load(inside_run(run, str(raw["candidates"].get("dir", "")), "candidates.dir"),
+                                             retriever)
                        if raw.get("candidates") else None)
         elif kind == "retriever":
             if not opts.llm:
@@ -131,6 +132,8 @@ class PALR:
             raw["weight"] = float(opts.weight)
         if opts.profiler:
             raw["profiler"] = opts.profiler
+        rc = RankingConfig.from_dict(raw)  # checked, and a profiler LLM the run names vetted before anything loads
+        pspec, popts = (rc.profiler, {}) if opts.profiler else rc.profiler_spec(run, trust=opts.trust_run_llm)
         ranker = build_ranker(run, raw, split.dataset.catalog, options=opts, retriever=_retriever_name(cfg),
                               sources=sources)
         raw["ranked_by"] = ranker.label
@@ -141,12 +144,11 @@ class PALR:
         if profile_cache is None and kind == "palr" and (run / "profiles.sqlite").is_file():
             profile_cache = run / "profiles.sqlite"  # the very profiles fine-tuning read
         cache = ProfileCache(profile_cache) if profile_cache else None
-        rc = RankingConfig.from_dict(raw)
-        prof = make_profiler(spec=rc.profiler, ranking_llm=model, allow_fallback=opts.allow_fallback)
+        prof = make_profiler(spec=pspec, ranking_llm=model, allow_fallback=opts.allow_fallback, **popts)
         profiles = HistoryProfiles(split.dataset.name, split.dataset.catalog, prof, cache, enabled=rc.profiles,
                                    user_attributes=split.dataset.user_attributes if raw.get("user_attributes")
                                    else None)
-        raw["llm_name"] = getattr(model, "name", rc.llm_spec(run)[0])
+        raw["llm_name"] = getattr(model, "name", None) or opts.llm or rc.llm or rc.base_model
         palr = cls(run, cfg, split, retriever, ranker, raw, profiles, sources=sources)
         palr.unused_stacked = unused_stacked(run, raw, ranker, sources, opts)
         return palr

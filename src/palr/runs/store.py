@@ -28,6 +28,7 @@ from palr.core.settings import DataSpec
 from palr.data import as_spec
 from palr.data.dataset import Dataset
 from palr.runs.card import write_model_card
+from palr.runs.safety import LOCK_FILE, lock_run, read_json, release_run
 
 RUN_FORMAT = 1
 
@@ -92,16 +93,19 @@ def begin_run(out: str | Path, overwrite: bool = True, args: dict[str, Any] | No
     written before any work starts.
     """
     out = Path(out)
-    if args is not None and out.is_dir() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is an existing file, not a run directory")
+    lock_run(out)  # held until finish_run (or the process ends): a second writer is refused meanwhile
+    if args is not None and out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         saved = out / ARGS_FILE
-        old = json.loads(saved.read_text()) if saved.is_file() else None
+        old = read_json(saved) if saved.is_file() else None
         diff = ["it holds files of an unknown or older run"] if old is None else _differences(old, args)
         if diff and not overwrite:
             raise RunError(f"{out} holds a run made with other settings ({'; '.join(diff[:6])}"
                            f"{'; ...' if len(diff) > 6 else ''}): add --overwrite to replace it, or choose another --out")
         if diff:
             log.warning("replacing %s (%s)", out, "; ".join(diff[:6]))
-            shutil.rmtree(out)
+            _empty(out)
     elif out.exists() and (out / "run.json").exists() and not overwrite:
         raise RunError(f"{out} already holds a run; choose another --out")
     if (out / "run.json").exists():
@@ -112,11 +116,22 @@ def begin_run(out: str | Path, overwrite: bool = True, args: dict[str, Any] | No
     return out
 
 
+def _empty(directory: Path) -> None:
+    """Remove everything in ``directory`` except the writer's lock file (held by this job)."""
+    for p in directory.iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def tree_digest(directory: str | Path) -> str:
     """sha256 over a directory's file names and contents (an input run's identity)."""
     h = hashlib.sha256()
     root = Path(directory)
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+    for p in sorted(q for q in root.rglob("*") if q.is_file() and q.name != LOCK_FILE):
         h.update(str(p.relative_to(root)).encode() + b"\0")
         with open(p, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -158,6 +173,7 @@ def finish_run(out: Path, kind: str, dataset: Dataset, config: dict[str, Any],
     write_json(out / "run.json", {"format": RUN_FORMAT, "kind": kind, "palr": __version__, "complete": True})
 
     write_model_card(out)
+    release_run(out)
 
 
 def read_run(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
@@ -168,13 +184,16 @@ def read_run(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
     marker = d / "run.json"
     if not marker.exists():
         raise RunError(f"{d} is not a complete run (no run.json): it was interrupted or is not a run directory")
-    meta = json.loads(marker.read_text())
+    meta = read_json(marker)
     if meta.get("format") != RUN_FORMAT:
         raise RunError(f"{d} was written with run format {meta.get('format')} (palr {meta.get('palr')}); "
                        f"this palr {__version__} reads format {RUN_FORMAT}. Retrain it.")
     if kind is not None and meta.get("kind") != kind:
         raise RunError(f"{d} is a {meta.get('kind')!r} run; this command needs a {kind!r} run")
-    return json.loads((d / "config.json").read_text())
+    config = read_json(d / "config.json")
+    if not isinstance(config.get("config"), dict) or not isinstance(config.get("dataset"), dict):
+        raise RunError(f"{d / 'config.json'}: damaged run file (no 'config' or 'dataset' object)")
+    return config
 
 
 def run_data_spec(config: dict[str, Any], data_dir: str | Path | None = None) -> DataSpec:

@@ -192,7 +192,8 @@ def _clean_errors(errors: Any) -> list[dict[str, Any]]:
 
 
 def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
-               config: ServiceConfig | None = None, llm: "str | None" = None, allow_fallback: bool = False) -> Any:
+               config: ServiceConfig | None = None, llm: "str | None" = None, allow_fallback: bool = False,
+               trust_run_llm: bool = False) -> Any:
     """A FastAPI app serving one PALR run (``run`` may also be an already loaded ``PALR``); ``llm`` ranks with
     another model (zero-shot over a retriever run)."""
     from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -219,7 +220,8 @@ def create_app(run: "str | Path | Any", data_dir: "str | Path | None" = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
 
-        state["palr"] = run if isinstance(run, PALR) else PALR.load(run, data_dir, llm=llm, allow_fallback=allow_fallback)
+        state["palr"] = run if isinstance(run, PALR) else PALR.load(run, data_dir, llm=llm, allow_fallback=allow_fallback,
+                                                                       trust_run_llm=trust_run_llm)
         log.info("serving PALR run %s", state["palr"].run)
         yield
         state.clear()
@@ -359,7 +361,7 @@ def uvicorn_config(app: Any, config: ServiceConfig | None = None, **overrides: A
 
 
 def serve(run: "str | Path", config: ServiceConfig | None = None, data_dir: "str | Path | None" = None,
-          llm: "str | None" = None, allow_fallback: bool = False) -> None:
+          llm: "str | None" = None, allow_fallback: bool = False, trust_run_llm: bool = False) -> None:
     """Run the service in the foreground (``palr serve``); the token falls back to $PALR_TOKEN."""
     import uvicorn
 
@@ -370,7 +372,7 @@ def serve(run: "str | Path", config: ServiceConfig | None = None, data_dir: "str
         log.warning("serving on %s without a token: anyone who can reach it can use the API", cfg.host)
 
     # load before serving: an incomplete or mismatched run is a PalrError (message, exit 2), not a uvicorn traceback
-    loaded = PALR.load(run, data_dir, llm=llm, allow_fallback=allow_fallback)
+    loaded = PALR.load(run, data_dir, llm=llm, allow_fallback=allow_fallback, trust_run_llm=trust_run_llm)
     uvicorn.Server(uvicorn_config(create_app(loaded, data_dir, cfg), cfg)).run()
 
 
