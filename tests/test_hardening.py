@@ -1,0 +1,200 @@
+"""Issue 18: run files are data (no endpoint, key or path they name is trusted), outputs never overwrite inputs,
+one writer per run directory, damaged run files and inputs stop with one line naming the file (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from palr.core.errors import InputError, LLMUnavailable, RunError
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def palr_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`palr ARGS` in a fresh process (exit code and stderr as a user sees them)."""
+    full = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    full.pop("PALR_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "palr.cli", *args], capture_output=True, text=True, env=full,
+                          timeout=timeout)
+
+
+def one_line_error(res: subprocess.CompletedProcess, *needles: str) -> str:
+    assert res.returncode == 2, (res.returncode, res.stdout[-2000:], res.stderr[-3000:])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    err = [ln for ln in lines if ln.startswith("error: ")]  # retry warnings may come before it
+    assert len(err) == 1 and lines[-1] == err[0], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    for n in needles:
+        assert n in err[0], err[0]
+    return err[0]
+
+
+# ---------------------------------------------------------------------------- a listener that records requests
+class Recorder:
+    """A tiny HTTP server on port 0 that records each request's path and headers and answers ``status``."""
+
+    def __init__(self, status: int = 500) -> None:
+        self.requests: list[dict[str, str]] = []
+        rec = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                rec.requests.append({"path": self.path, "body": body.decode(errors="replace"),
+                                     **{k.lower(): v for k, v in self.headers.items()}})
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"error": "boom"}')
+
+            do_GET = do_POST  # noqa: N815
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Recorder:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# ---------------------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def retriever_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from palr.data.synthetic import synthetic_raw
+    from palr.train.retriever import train_run
+
+    tmp = tmp_path_factory.mktemp("hard")
+    raw = synthetic_raw(40, 30, seed=3)
+    lines = ["user,item,timestamp"] + [f"{u},{i},{int(t)}" for u, i, t in zip(raw.users, raw.items, raw.times)]
+    (tmp / "inter.csv").write_text("\n".join(lines) + "\n")
+    return train_run(f"csv:{tmp / 'inter.csv'}", "popularity", tmp / "retr", progress=False)
+
+
+def palr_run_from(retriever_run: Path, dest: Path, ranking: dict) -> Path:
+    """A PALR-kind run around a retriever run's model with the given ranking.json (a copied, edited run)."""
+    shutil.copytree(retriever_run, dest)
+    shutil.copytree(retriever_run / "model", dest / "retriever")
+    meta = json.loads((dest / "run.json").read_text())
+    (dest / "run.json").write_text(json.dumps({**meta, "kind": "palr"}))
+    base = {"mode": "verbalizer", "style": "text", "weight": 0.0, "fusion": "rank", "n_candidates": 10,
+            "history_len": 10, "profiles": False, "profiler": "attributes"}
+    (dest / "ranking.json").write_text(json.dumps({**base, **ranking}))
+    return dest
+
+
+def first_user(run: Path) -> str:
+    from palr.rank.pipeline import PALR
+
+    return PALR.load(run, llm="openai:x@http://127.0.0.1:9/v1").split.dataset.user_ids[0]
+
+
+# ---------------------------------------------------------------------------- 1. a run names an endpoint
+def test_a_hostile_ranking_json_gets_no_key_and_no_silent_success(retriever_run: Path, tmp_path: Path) -> None:
+    user = first_user(retriever_run)
+    key = {"OPENAI_API_KEY": "sk-secret-do-not-send"}
+    with Recorder(status=500) as srv:
+        run = palr_run_from(retriever_run, tmp_path / "hostile", {"llm": f"openai:gpt@{srv.url}"})
+        # the run names the endpoint: refused before anything is sent
+        one_line_error(palr_cli("recommend", "--run", str(run), "--user", user, env=key), "ranking.json",
+                       "--trust-run-llm")
+        assert srv.requests == []
+        # confirmed: requests go there, without the user's key; the server's 500 is loud (exit 2), not a fallback
+        one_line_error(palr_cli("recommend", "--run", str(run), "--user", user, "--trust-run-llm", env=key),
+                       "HTTP 500")
+        assert srv.requests and all("authorization" not in r for r in srv.requests)
+        assert not any("sk-secret" in json.dumps(r) for r in srv.requests)
+        # a fallback the user allowed: exit 0, said so
+        n = len(srv.requests)
+        res = palr_cli("recommend", "--run", str(run), "--user", user, "--trust-run-llm", "--allow-fallback",
+                       env=key)
+        assert res.returncode == 0 and "retriever" in res.stdout, res.stderr[-2000:]
+        assert all("authorization" not in r for r in srv.requests[n:])
+        # the endpoint the user names gets the key (that is what it is for)
+        n = len(srv.requests)
+        one_line_error(palr_cli("recommend", "--run", str(run), "--user", user, "--llm", f"openai:gpt@{srv.url}",
+                                env=key), "HTTP 500")
+        assert srv.requests[n:] and srv.requests[n]["authorization"] == "Bearer sk-secret-do-not-send"
+
+
+def test_a_profiler_llm_named_by_the_run_is_refused(retriever_run: Path, tmp_path: Path) -> None:
+    from palr.rank.pipeline import PALR
+
+    run = palr_run_from(retriever_run, tmp_path / "p", {"llm": "", "base_model": "mini", "llm_dir": "llm",
+                                                         "profiler": "llm:openai:gpt@http://127.0.0.1:9/v1"})
+    (run / "llm").mkdir()
+    with pytest.raises(RunError, match="names the LLM"):
+        from palr.rank.llm_ranker import RankingConfig
+
+        RankingConfig.read(run).profiler_spec(run)
+    with pytest.raises(RunError):
+        PALR.load(run)
+
+
+def test_a_remote_500_is_unavailable_not_a_silent_fallback() -> None:
+    from palr.llm.openai import OpenAILLM
+
+    with Recorder(status=500) as srv:
+        llm = OpenAILLM("m", srv.url, max_retries=1, backoff=0.01)
+        with pytest.raises(LLMUnavailable, match="HTTP 500"):
+            llm.generate(["hello"], max_new_tokens=2)
+        assert len(srv.requests) == 2
+
+
+@pytest.mark.parametrize("ranking", [
+    {"ranker": "features", "ranker_dir": "../../../etc"},
+    {"ranker": "features", "ranker_dir": "/etc"},
+    {"llm": "", "base_model": "mini", "llm_dir": "../retr"},
+    {"llm": "mini:/tmp"},
+    {"llm": "hf:../../x"},
+])
+def test_every_path_a_run_names_stays_inside_it(retriever_run: Path, tmp_path: Path, ranking: dict) -> None:
+    from palr.rank.pipeline import PALR
+
+    run = palr_run_from(retriever_run, tmp_path / "r", ranking)
+    with pytest.raises(RunError, match="outside the run directory"):
+        PALR.load(run)
+
+
+def test_inside_run_follows_links(tmp_path: Path) -> None:
+    from palr.runs.safety import inside_run
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ok").mkdir()
+    (tmp_path / "run" / "out").symlink_to(tmp_path)
+    assert inside_run(tmp_path / "run", "ok") == (tmp_path / "run" / "ok").resolve()
+    with pytest.raises(RunError):
+        inside_run(tmp_path / "run", "out/secret")
+    with pytest.raises(RunError):
+        inside_run(tmp_path / "run", "")
+
+
+def test_a_hub_id_a_run_names_is_never_downloaded(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from palr.core.errors import PalrError
+    from palr.llm.registry import load_llm
+    from palr.llm.trust import run_llm_spec, run_model_spec
+
+    (tmp_path / "adapter").mkdir()
+    spec, opts = run_model_spec(tmp_path, "someone/some-model", "adapter", lora=True)
+    assert spec == "hf:someone/some-model" and opts["offline"] is True
+    assert run_llm_spec(tmp_path, "hf:gpt2")[1] == {"offline": True}
+    with pytest.raises(PalrError, match="does not download"):
+        load_llm("hf:palr-test-nobody/no-such-model-xyz", offline=True)
