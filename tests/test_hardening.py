@@ -88,6 +88,10 @@ def retriever_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_run(f"csv:{tmp / 'inter.csv'}", "popularity", tmp / "retr", progress=False)
 
 
+def csv_of(retriever_run: Path) -> str:
+    return f"csv:{retriever_run.parent / 'inter.csv'}"
+
+
 def palr_run_from(retriever_run: Path, dest: Path, ranking: dict) -> Path:
     """A PALR-kind run around a retriever run's model with the given ranking.json (a copied, edited run)."""
     shutil.copytree(retriever_run, dest)
@@ -198,3 +202,109 @@ def test_a_hub_id_a_run_names_is_never_downloaded(tmp_path: Path) -> None:
     assert run_llm_spec(tmp_path, "hf:gpt2")[1] == {"offline": True}
     with pytest.raises(PalrError, match="does not download"):
         load_llm("hf:palr-test-nobody/no-such-model-xyz", offline=True)
+
+
+# ---------------------------------------------------------------------------- 2. outputs never overwrite inputs
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_evaluate_refuses_outputs_inside_the_run(retriever_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(retriever_run, run)
+    before = snapshot(run)
+    one_line_error(palr_cli("evaluate", "--run", str(run), "--out", str(run / "config.json")), "--out",
+                   "inside the input run")
+    one_line_error(palr_cli("evaluate", "--run", str(run), "--out", str(tmp_path / "r.json"), "--predictions",
+                            str(run / "model" / "weights.safetensors")), "--predictions")
+    one_line_error(palr_cli("evaluate", str(run), "--out", str(tmp_path / "r.json"), "--per-user",
+                            str(run / "." / "model" / ".." / "u.csv")), "--per-user")
+    assert snapshot(run) == before
+    one_line_error(palr_cli("evaluate", "--run", str(run), "--out", str(tmp_path)), "is a directory")
+    one_line_error(palr_cli("report", str(run), "--out", str(run / "report.html")), "inside the input run")
+    assert snapshot(run) == before
+
+
+def test_check_outputs_cases(tmp_path: Path) -> None:
+    from palr.runs.safety import check_outputs
+
+    run = tmp_path / "run"
+    (run / "sub").mkdir(parents=True)
+    (tmp_path / "file").write_text("x")
+    check_outputs({"--out": tmp_path / "new" / "r.json", "--predictions": None}, [run])
+    with pytest.raises(InputError, match="inside the input run"):
+        check_outputs({"--out": run / "sub" / "x.json"}, [run])
+    with pytest.raises(InputError, match="inside the input run"):  # a run directory must not hold its input
+        check_outputs({"--out": tmp_path}, [run], directories=["--out"])
+    with pytest.raises(InputError, match="existing file, not a directory"):
+        check_outputs({"--out": tmp_path / "file"}, directories=["--out"])
+    with pytest.raises(InputError, match="is a file, not a directory"):
+        check_outputs({"--out": tmp_path / "file" / "r.json"})
+    (run / "link.json").symlink_to(run / "config.json")
+    with pytest.raises(InputError):
+        check_outputs({"--out": run / "link.json"}, [run])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_output_directory_is_one_line(tmp_path: Path) -> None:
+    from palr.runs.safety import check_outputs
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(InputError, match="not writable"):
+            check_outputs({"--out": ro / "r.json"})
+        with pytest.raises(InputError, match="not writable"):
+            check_outputs({"--out": ro / "run"}, directories=["--out"])
+    finally:
+        ro.chmod(0o755)
+
+
+def test_train_out_an_existing_file_is_one_line(retriever_run: Path, tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("keep me")
+    one_line_error(palr_cli("train", "--dataset", csv_of(retriever_run), "-r", "popularity", "--out", str(tmp_path / "f")),
+                   "existing file")
+    assert (tmp_path / "f").read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------- 3. one writer per run directory
+def test_a_second_writer_is_refused_while_a_job_holds_the_run(retriever_run: Path, tmp_path: Path) -> None:
+    from palr.runs.safety import RunLock
+    from palr.train.retriever import train_run
+
+    run = tmp_path / "x"
+    shutil.copytree(retriever_run, run)
+    before = snapshot(run)
+    spec = json.loads((run / "args.json").read_text())
+    with RunLock(run):  # another job (another open file: flock refuses it even inside this process)
+        one_line_error(palr_cli("train", "--dataset", csv_of(retriever_run), "-r", "popularity", "--out", str(run),
+                                "--overwrite"), "being written by another job", f"pid {os.getpid()}")
+        with pytest.raises(RunError, match="another job"):
+            train_run(csv_of(retriever_run), "itemknn", run, overwrite=True, progress=False)
+    assert snapshot(run) == before  # nothing deleted, nothing written
+    assert spec["retriever"] == "popularity"
+    out = train_run(csv_of(retriever_run), "popularity", tmp_path / "y", progress=False)  # free once released
+    assert (out / "run.json").exists() and (out / ".lock").exists()
+    train_run(csv_of(retriever_run), "itemknn", out, overwrite=True, progress=False)  # the lock survives --overwrite
+    assert json.loads((out / "config.json").read_text())["config"]["retriever"] == "itemknn"
+    with RunLock(out):
+        pass  # released at finish_run
+
+
+def test_the_lock_is_held_by_a_live_process(tmp_path: Path) -> None:
+    """Two processes: one holds RUN/.lock (as a training job does); the other is refused, then gets it."""
+    from palr.runs.safety import RunLock
+
+    code = ("import sys,time; sys.path.insert(0, %r); from palr.runs.safety import lock_run; lock_run(%r); "
+            "print('held', flush=True); time.sleep(30)") % (SRC, str(tmp_path / "run"))
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunError, match=f"pid {holder.pid}"):
+            RunLock(tmp_path / "run").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(tmp_path / "run"):  # the kernel released it with the process
+        pass

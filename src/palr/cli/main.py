@@ -19,6 +19,7 @@ from palr.cli.flags import typer_command
 from palr.core import settings as C
 from palr.core.errors import PalrError
 from palr.core.options import parse_params
+from palr.runs.safety import check_outputs
 
 __all__ = ["app", "main", "parse_params"]
 
@@ -86,6 +87,7 @@ def data_download(cfg: C.DataDownloadConfig) -> None:
 def train(cfg: C.TrainConfig) -> None:
     from palr.train.retriever import train_run
 
+    check_outputs({"--out": cfg.out}, directories=["--out"])
     run = train_run(cfg)
     metrics = json.loads((run / "metrics.json").read_text())
     console.print(f"saved run {escape(str(run))}; valid NDCG@10 {metrics['valid']['NDCG@10']:.4f} "
@@ -98,6 +100,7 @@ def tune(cfg: C.TuneConfig) -> None:
     from palr.train.tune import load_space_file
     from palr.train.tune import tune as run_tune
 
+    check_outputs({"--out": cfg.out}, directories=["--out"])
     res = run_tune(cfg.data.dataset, cfg.retriever, cfg.out, budget_s=cfg.budget, trials=cfg.trials, seed=cfg.seed,
                    pruner=cfg.pruner, space=load_space_file(cfg.space, cfg.retriever) if cfg.space else None,
                    fixed=cfg.params, data_dir=cfg.data.data_dir, split=load_split(cfg.data), data=cfg.data.resolved())
@@ -122,15 +125,19 @@ def evaluate(cfg: C.EvaluateConfig) -> None:
 
     out, predictions = cfg.out, cfg.predictions
     cands_path = cfg.candidates_out or (out.with_name("candidates.jsonl") if cfg.candidates else None)
+    check_outputs({"--out": out, "--predictions": predictions, "--retriever-predictions": cfg.retriever_predictions,
+                   "--per-user": cfg.per_user, "--candidates-out": cands_path,
+                   "--llm-predictions": getattr(cfg, "llm_predictions", None)}, [cfg.run])
     distributed.init()
     if cfg.run is not None:
+        from palr.runs.safety import read_json
         from palr.runs.snapshot import check_raw_data
         from palr.runs.store import read_run
 
         read_run(cfg.run)
         if cfg.data.dataset:  # raw data given again: checked against the run's snapshot, not used
             check_raw_data(cfg.run, cfg.data)
-        kind = json.loads((cfg.run / "run.json").read_text())["kind"]
+        kind = read_json(cfg.run / "run.json").get("kind")
         if kind == "palr" or cfg.llm:
             from palr.evaluate.palr import evaluate_palr_run
 
@@ -201,6 +208,7 @@ def compare(cfg: C.CompareConfig) -> None:
     from palr.evaluate.tables import compare_sides, compare_table, load_side
 
     ks = tuple(cfg.k or DEFAULT_KS)
+    check_outputs({"--out": cfg.out}, [cfg.a, cfg.b, cfg.run])
     split = None
     if cfg.run is not None:  # the run's data snapshot; raw data given too is checked against it
         from palr.runs.snapshot import load_run_split
@@ -226,6 +234,8 @@ def compare(cfg: C.CompareConfig) -> None:
 def report(cfg: C.ReportConfig) -> None:
     from palr.evaluate.report import write_report
 
+    runs = [d for r in cfg.runs if r.is_dir() for d in (r, *r.iterdir()) if (d / "run.json").exists()]
+    check_outputs({"--out": cfg.out}, runs)  # a demo folder's runs included
     path = write_report(list(cfg.runs), cfg.out, data_dir=cfg.data_dir, n_examples=cfg.examples, seed=cfg.seed)
     console.print(escape(f"wrote {path.resolve()}"))
 
@@ -235,6 +245,7 @@ def profile(cfg: C.ProfileConfig) -> None:
     from palr.data import load_dataset
     from palr.rank.profiles import profile_dataset
 
+    check_outputs({"--out": cfg.out})
     profiles = profile_dataset(load_dataset(cfg.data), None if cfg.all else [cfg.user or ""], llm=cfg.llm,
                                cache=cfg.cache, stage=cfg.stage, progress=cfg.all, allow_fallback=cfg.allow_fallback)
     if cfg.out is not None:
@@ -255,6 +266,7 @@ def model_create_mini(cfg: C.CreateMiniConfig) -> None:
     from palr.llm.mini import build_mini, read_mini_info
 
     m = cfg.mini
+    check_outputs({"--out": cfg.out}, directories=["--out"])
     path = build_mini(load_dataset(cfg.data).catalog, cfg.out, vocab_size=m.vocab, item_tokens=cfg.item_tokens,
                       n_label_tokens=cfg.label_tokens, n_layer=m.layers, n_embd=m.dim, n_head=m.heads, seed=cfg.seed)
     info = read_mini_info(path)
@@ -265,6 +277,7 @@ def model_create_mini(cfg: C.CreateMiniConfig) -> None:
 def model_import(cfg: C.ModelImportConfig) -> None:
     from palr.llm.gemma import import_model
 
+    check_outputs({"--out": cfg.out}, directories=["--out"])
     path = import_model(cfg.name, cfg.out)
     console.print(escape(f"wrote {path} (load with --llm hf:{path})"))
 
@@ -272,6 +285,7 @@ def model_import(cfg: C.ModelImportConfig) -> None:
 def model_export(cfg: C.ModelExportConfig) -> None:
     from palr.train.finetune import export_model
 
+    check_outputs({"--out": cfg.out}, [cfg.run], directories=["--out"])
     path = export_model(cfg.run, cfg.out)
     console.print(escape(f"wrote {path} (serve it: vllm serve {cfg.out}, or palr model serve {cfg.out})"))
 
@@ -287,6 +301,7 @@ def finetune(cfg: C.FinetuneCommand) -> None:
     from palr.core import distributed
     from palr.train.finetune import finetune as run_finetune
 
+    check_outputs({"--out": cfg.out}, [cfg.run], directories=["--out"])
     if cfg.ranker == "features":
         from palr.rank.trees import FeatureRankerConfig
         from palr.train.trees import train_feature_run
@@ -361,6 +376,7 @@ def print_recommendation(rec: object) -> None:
 def demo(cfg: C.DemoConfig) -> None:
     from palr.cli.demo import run_demo
 
+    check_outputs({"--out": cfg.out}, directories=["--out"])
     run_demo(cfg.dataset, cfg.out, quick=cfg.quick, data_dir=cfg.data_dir, seed=cfg.seed, console=console,
              overwrite=cfg.overwrite)
 

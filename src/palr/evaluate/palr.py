@@ -36,6 +36,7 @@ from palr.rank.stacked import NO_LLM_LABEL
 
 UNUSED_STACKED_LABEL = "stacked ranker with LLM features (not chosen on held-out users)"
 from palr.runs.card import write_model_card
+from palr.runs.safety import check_outputs
 from palr.runs.store import dataset_info
 
 
@@ -265,6 +266,8 @@ def evaluate_palr_run(run: str | Path, out: str | Path | None = None, prediction
     Under a launcher with several processes the users are sharded (:func:`evaluate_palr`); the main process writes
     the files and returns the document, the others return None."""
 
+    check_outputs({"--out": out, "--predictions": predictions, "--retriever-predictions": retriever_predictions,
+                   "--per-user": per_user}, [run])  # outputs never overwrite the run's files
     distributed.init()  # before the model loads: each process takes its own GPU
     palr = PALR.load(run, data_dir, mode=mode, llm=llm, allow_fallback=allow_fallback, n_candidates=n_candidates,
                      profiler=profiler, weight=weight, trust_run_llm=trust_run_llm)
