@@ -11,6 +11,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -24,7 +25,7 @@ def palr_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240
     full = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     full.pop("PALR_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "palr.cli", *args], capture_output=True, text=True, env=full,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def one_line_error(res: subprocess.CompletedProcess, *needles: str) -> str:
@@ -47,7 +48,7 @@ class Recorder:
         rec = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else b""
                 rec.requests.append({"path": self.path, "body": body.decode(errors="replace"),
@@ -57,7 +58,7 @@ class Recorder:
                 self.end_headers()
                 self.wfile.write(b'{"error": "boom"}')
 
-            do_GET = do_POST  # noqa: N815
+            do_GET = do_POST
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -66,7 +67,7 @@ class Recorder:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> Recorder:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -296,8 +297,8 @@ def test_the_lock_is_held_by_a_live_process(tmp_path: Path) -> None:
     """Two processes: one holds RUN/.lock (as a training job does); the other is refused, then gets it."""
     from palr.runs.safety import RunLock
 
-    code = ("import sys,time; sys.path.insert(0, %r); from palr.runs.safety import lock_run; lock_run(%r); "
-            "print('held', flush=True); time.sleep(30)") % (SRC, str(tmp_path / "run"))
+    code = ("import sys,time; sys.path.insert(0, {!r}); from palr.runs.safety import lock_run; lock_run({!r}); "
+            "print('held', flush=True); time.sleep(30)").format(SRC, str(tmp_path / "run"))
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
