@@ -309,3 +309,89 @@ def test_the_lock_is_held_by_a_live_process(tmp_path: Path) -> None:
         holder.wait()
     with RunLock(tmp_path / "run"):  # the kernel released it with the process
         pass
+
+
+# ---------------------------------------------------------------------------- 4. damaged run files: one line
+@pytest.fixture(scope="module")
+def feature_run(retriever_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("lightgbm")
+    from palr.rank.trees import FeatureRankerConfig
+    from palr.train.trees import train_feature_run
+
+    out = tmp_path_factory.mktemp("feat") / "f"
+    return train_feature_run(retriever_run, out, FeatureRankerConfig(n_candidates=20, text_encoder="tfidf",
+                                                                      rounds=5, min_data_in_leaf=2))
+
+
+def damaged_copy(run: Path, dest: Path, rel: str, keep: float = 0.5, text: str | None = None) -> Path:
+    shutil.copytree(run, dest)
+    f = dest / rel
+    if text is not None:
+        f.write_text(text)
+    else:
+        data = f.read_bytes()
+        f.write_bytes(data[:int(len(data) * keep)])
+    return dest
+
+
+def test_half_a_trees_file_is_one_line_not_an_abort(feature_run: Path, tmp_path: Path) -> None:
+    from palr.rank.pipeline import PALR
+
+    user = PALR.load(feature_run).split.dataset.user_ids[0]
+    run = damaged_copy(feature_run, tmp_path / "half", "ranker/trees.txt")
+    one_line_error(palr_cli("recommend", "--run", str(run), "--user", user), "trees.txt", "damaged LightGBM model")
+    one_line_error(palr_cli("evaluate", "--run", str(run), "--out", str(tmp_path / "r.json")), "trees.txt")
+
+
+def test_every_truncation_of_a_trees_file_is_refused(feature_run: Path) -> None:
+    from palr.rank.trees import check_model_text
+
+    text = (feature_run / "ranker" / "trees.txt").read_text()
+    check_model_text(text)
+    end = text.index("\nend of parameters")
+    for cut in range(0, end, max(1, end // 400)):
+        with pytest.raises(RunError, match="damaged LightGBM model"):
+            check_model_text(text[:cut])
+    lines = text.split("\n")
+    i = next(k for k, ln in enumerate(lines) if ln.startswith("left_child="))
+    cyclic = lines[:i] + ["left_child=" + " ".join("0" for _ in lines[i].split("=")[1].split())] + lines[i + 1:]
+    with pytest.raises(RunError, match="structure|damaged"):  # a loop LightGBM would follow forever
+        check_model_text("\n".join(cyclic))
+
+
+@pytest.mark.parametrize(("rel", "needle"), [
+    ("run.json", "run.json:1: damaged JSON"),
+    ("config.json", "config.json"),
+    ("ranking.json", "ranking.json"),
+    ("retriever/retriever.json", "retriever.json"),
+    ("retriever/weights.safetensors", "weights.safetensors is damaged"),
+])
+def test_damaged_run_files_are_one_line_naming_the_file(retriever_run: Path, tmp_path: Path, rel: str,
+                                                        needle: str) -> None:
+    user = first_user(retriever_run)
+    src = palr_run_from(retriever_run, tmp_path / "src", {"llm": "openai:m@http://127.0.0.1:9/v1"})
+    run = damaged_copy(src, tmp_path / "bad", rel, keep=0.6)
+    one_line_error(palr_cli("recommend", "--run", str(run), "--user", user, "--llm", "openai:m@http://127.0.0.1:9/v1",
+                            "--allow-fallback"), needle)
+
+
+def test_damaged_loaders_raise_run_errors(retriever_run: Path, tmp_path: Path) -> None:
+    from palr.retrieval.base import load_retriever
+    from palr.runs.safety import load_npz, read_json
+
+    run = damaged_copy(retriever_run, tmp_path / "a", "model/retriever.json", text='{"name": "nope"}')
+    with pytest.raises(RunError, match="retriever.json"):
+        load_retriever(run / "model")
+    run = damaged_copy(retriever_run, tmp_path / "b", "model/retriever.json", text='{"name": "popularity", "x": 1}')
+    (run / "model" / "weights.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(RunError, match="damaged retriever files"):  # a valid file without the tensors
+        load_retriever(run / "model")
+    (run / "model" / "weights.safetensors").write_bytes(b"\xff" * 12)
+    with pytest.raises(RunError, match="weights.safetensors is damaged"):
+        load_retriever(run / "model")
+    (tmp_path / "j.json").write_text('{"a": [1, 2,')
+    with pytest.raises(RunError, match=r"j.json:1: damaged JSON"):
+        read_json(tmp_path / "j.json")
+    (tmp_path / "z.npz").write_bytes(b"PK\x03\x04broken")
+    with pytest.raises(RunError, match="z.npz is damaged"):
+        load_npz(tmp_path / "z.npz")

@@ -412,6 +412,10 @@ for _parent, _name, _cls, _body in COMMANDS:
     typer_command(_parent, _name, _cls, _body, help=_cls.__doc__)
 
 
+_DAMAGED_FILE_ERRORS = ("JSONDecodeError", "SafetensorError", "DatabaseError", "BadZipFile", "UnicodeDecodeError",
+                        "HeaderTooLarge")
+
+
 def _print_error(message: str) -> None:
     """One line, printed literally (no markup: 'u.item:100:' stays as it is)."""
     sys.stderr.write("error: " + " ".join(str(message).split()) + "\n")
@@ -437,6 +441,11 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         _print_error("aborted")
         sys.exit(1)
+    except Exception as e:  # a damaged file that no loader named (JSON, safetensors, sqlite, zip): still one line
+        if debug_enabled() or type(e).__name__ not in _DAMAGED_FILE_ERRORS:
+            raise
+        _print_error(f"a damaged file: {type(e).__name__}: {str(e)[:300]} (rerun with --debug for where)")
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 
 

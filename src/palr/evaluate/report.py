@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from palr.evaluate.retrievers import evaluate_retriever
 from palr.evaluate.stats import compare_metrics
 from palr.rank.pipeline import PALR
 from palr.retrieval.load import load_run
+from palr.runs.safety import load_npz, read_json
 from palr.runs.store import read_run
 
 log = logging.getLogger(__name__)
@@ -69,17 +69,17 @@ def _resolve(run: Path) -> Path:
 def load_run_data(run: str | Path, data_dir: str | Path | None = None, n_examples: int = 3) -> RunData:
     run = _resolve(Path(run))
     cfg = read_run(run)
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
+    metrics = read_json(run / "metrics.json") if (run / "metrics.json").exists() else {}
     if cfg["kind"] == "palr":
 
         if not (run / "test_ranks.npz").exists():
             log.info("%s has no test evaluation yet: evaluating it now (written into the run)", run)
             evaluate_palr_run(run, data_dir=data_dir, progress=False)
         palr = PALR.load(run, data_dir)
-        z = np.load(run / "test_ranks.npz")
+        z = load_npz(run / "test_ranks.npz", ("users", "palr", "retriever"))
         name = cfg["config"]["retriever"]["retriever"]
         hist_file = run / "retriever" / "history.json"
-        history = json.loads(hist_file.read_text()) if hist_file.exists() else []
+        history = read_json(hist_file, list) if hist_file.exists() else []
         examples = [palr.recommend(user=u, k=5, explain=True).to_dict() | {"history": [
             palr.catalog.titles[int(i)] for i in palr.user_history(u)[-5:]]}
             for u in palr.split.dataset.user_ids[:n_examples]]

@@ -27,6 +27,7 @@ from palr.data.dataset import Catalog
 from palr.llm import prompts
 from palr.llm.hf import HFLLM
 from palr.llm.prompts import PROMPT_VERSION, item_token, label_token
+from palr.runs.safety import read_json
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def read_mini_info(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise PalrError(f"{p.parent} is not a palr mini model (no {MINI_INFO}); "
                         "create one with `palr model create-mini --dataset NAME --out DIR`")
-    return json.loads(p.read_text())
+    return read_json(p)
 
 
 def load_mini(path: str | Path, **options: Any) -> Any:

@@ -29,11 +29,12 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from palr.data.dataset import Catalog, Dataset, Split
 from palr.retrieval.itemknn import ItemKNN
 from palr.retrieval.text import embed_texts, item_texts, text_model_available
+from palr.runs.safety import load_safetensors, read_json
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +225,8 @@ class CandidateFeatures:
 
         directory = Path(directory)
         f = cls()
-        meta = json.loads((directory / "features.json").read_text())
-        w = load_file(str(directory / "features.safetensors"))
+        meta = read_json(directory / "features.json")
+        w = load_safetensors(directory / "features.safetensors")
         (directory / "itemknn").mkdir(exist_ok=True)
         f.knn = ItemKNN.load(directory / "itemknn")
         n = len(w["log_pop"])

@@ -14,6 +14,7 @@ ranker later chooses its settings. The test split is never used.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,12 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from palr.core.errors import PalrError
+from palr.core.errors import PalrError, RunError
 from palr.core.metrics import ndcg
 from palr.data.dataset import Split
 from palr.rank.features import CandidateFeatures
 from palr.rank.llm_ranker import order_by, positional_ranks
 from palr.rank.protocol import TREES, RankResult
+from palr.runs.safety import read_text
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +147,123 @@ class FeatureRanker:
     def load(cls, directory: Path) -> FeatureRanker:
         lgb = require_lightgbm()
         directory = Path(directory)
-        booster = lgb.Booster(model_str=(directory / "trees.txt").read_text())
-        return cls(CandidateFeatures.load(directory / "features"), booster)
+        path = directory / "trees.txt"
+        text = read_text(path)
+        check_model_text(text, path)  # LightGBM aborts the process on a damaged model: never hand it one
+        try:
+            booster = lgb.Booster(model_str=text)
+        except lgb.basic.LightGBMError as e:
+            raise RunError(f"{path}: damaged LightGBM model ({' '.join(str(e).split())[:200]})") from None
+        try:
+            features = CandidateFeatures.load(directory / "features")
+        except (KeyError, ValueError, TypeError, IndexError) as e:  # parsed, but not what was written
+            raise RunError(f"{directory / 'features'}: damaged feature files ({type(e).__name__}: "
+                           f"{str(e)[:200]})") from None
+        if booster.num_feature() < len(features.names):
+            raise RunError(f"{path} does not match {directory / 'features'}: {booster.num_feature()} features in "
+                           f"the trees, {len(features.names)} computed")
+        return cls(features, booster)
+
+
+# ---------------------------------------------------------------------------- a model file checked before LightGBM
+def check_model_text(text: str, path: str | Path = "trees.txt") -> None:
+    """Refuse a LightGBM text model that is truncated or damaged, before LightGBM parses it.
+
+    LightGBM parses trees in C++ threads and terminates the whole process on a malformed one (``terminate
+    called...``, exit 134), and a damaged child pointer can make prediction loop forever. So the text is checked
+    as LightGBM writes it: the header, every tree at the offset ``tree_sizes`` gives, each tree's arrays (count and
+    number syntax for ``num_leaves``), its shape (every node a child exactly once), ``end of trees`` and a complete
+    ``parameters:`` section. :class:`RunError` names the file and the problem."""
+    problem = _model_text_problem(text)
+    if problem is not None:
+        raise RunError(f"{path}: damaged LightGBM model ({problem}); retrain the feature ranker")
+
+
+_NUM = re.compile(r"^[-+]?((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|nan)$", re.IGNORECASE)
+_INT = re.compile(r"^-?\d+$")
+# per tree: key -> how many values (in terms of n = num_leaves), integer or not
+_TREE_ARRAYS = {"split_feature": (-1, True), "split_gain": (-1, False), "threshold": (-1, False),
+                "decision_type": (-1, True), "left_child": (-1, True), "right_child": (-1, True),
+                "leaf_value": (0, False), "leaf_weight": (0, False), "leaf_count": (0, True),
+                "internal_value": (-1, False), "internal_weight": (-1, False), "internal_count": (-1, True)}
+
+
+def _model_text_problem(text: str) -> str | None:
+    """What is wrong with a LightGBM text model, or None (see :func:`check_model_text`)."""
+    if not text.startswith("tree\n"):
+        return "not a LightGBM text model (no 'tree' header)"
+    head_end = text.find("\n\n")
+    if head_end < 0:
+        return "truncated header"
+    header = dict(l.split("=", 1) for l in text[:head_end].splitlines()[1:] if "=" in l)
+    for k in ("version", "num_class", "num_tree_per_iteration", "max_feature_idx", "tree_sizes", "feature_names",
+              "feature_infos"):
+        if k not in header:
+            return f"no {k} in the header"
+    if not all(_INT.match(x) for x in header["tree_sizes"].split()) or not all(
+            _INT.match(header[k]) for k in ("num_class", "num_tree_per_iteration", "max_feature_idx")):
+        return "damaged header"
+    sizes = [int(x) for x in header["tree_sizes"].split()]
+    max_f = int(header["max_feature_idx"])
+    if int(header["num_class"]) < 1 or int(header["num_tree_per_iteration"]) < 1 or max_f < 0:
+        return "damaged header"
+    if len(header["feature_names"].split()) != max_f + 1 or len(header["feature_infos"].split()) != max_f + 1:
+        return "damaged header (feature names or infos)"
+    p = head_end + 2
+    for i, size in enumerate(sizes):
+        block = text[p:p + size]
+        if len(block) != size or not block.startswith(f"Tree={i}\n"):
+            return f"tree {i} truncated or damaged"
+        err = _tree_problem(block, max_f)
+        if err:
+            return f"tree {i}: {err}"
+        p += size
+    rest = text[p:].lstrip("\n")
+    if not rest.startswith("end of trees"):
+        return "no 'end of trees' after the last tree (truncated)"
+    i, j = rest.find("\nparameters:\n"), rest.find("\nend of parameters")
+    if i < 0 or j < i:
+        return "truncated after the trees (no complete 'parameters:' section)"
+    for line in rest[i + len("\nparameters:\n"):j].splitlines():
+        if not (line.startswith("[") and line.endswith("]") and ": " in line):
+            return "damaged 'parameters:' section"
+    return None
+
+
+def _tree_problem(block: str, max_f: int) -> str | None:
+    lines = [l for l in block.splitlines()[1:] if l]
+    if not all("=" in l for l in lines):
+        return "a line without '='"
+    kv = dict(l.split("=", 1) for l in lines)
+    if len(kv) != len(lines):
+        return "a repeated field"
+    if not _INT.match(kv.get("num_leaves", "")) or kv.get("num_cat") != "0":
+        return "no num_leaves, or num_cat is not 0"
+    if kv.get("is_linear", "0") != "0" or not _NUM.match(kv.get("shrinkage", "1")):
+        return "is_linear or shrinkage damaged"
+    n = int(kv["num_leaves"])
+    if n < 1:
+        return "num_leaves < 1"
+    for key, (extra, integer) in _TREE_ARRAYS.items():
+        want = n + extra
+        if want == 0 and key not in kv:
+            continue
+        vals = kv.get(key, "").split()
+        if len(vals) != want or not all((_INT if integer else _NUM).match(v) for v in vals):
+            return f"{key} damaged"
+        if key == "split_feature" and any(not 0 <= int(v) <= max_f for v in vals):
+            return "split_feature out of range"
+        if key in ("left_child", "right_child") and any(not -n <= int(v) < n - 1 for v in vals):
+            return f"{key} out of range"
+    if n > 1:  # a proper tree: every internal node but the root and every leaf is a child exactly once
+        children = [int(v) for k in ("left_child", "right_child") for v in kv[k].split()]
+        if sorted(children) != sorted([*range(1, n - 1), *range(-n, 0)]):
+            return "damaged structure (children)"
+    unknown = set(kv) - set(_TREE_ARRAYS) - {"num_leaves", "num_cat", "is_linear", "shrinkage"}
+    if unknown:
+        return f"unknown field {min(unknown)}"
+    return None
+
 
 
 def feature_lists(features: CandidateFeatures, split: Split, cands: np.ndarray, scores: np.ndarray,

@@ -17,9 +17,10 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from palr.core.console import progress_enabled
-from palr.core.errors import ConfigError
+from palr.core.errors import ConfigError, PalrError, RunError
 from palr.core.options import convert, unknown_key_error
 from palr.core.topk import top_k
+from palr.runs.safety import read_json
 
 
 @runtime_checkable
@@ -130,8 +131,15 @@ def save_params(directory: Path, name: str, params: dict[str, Any]) -> None:
 
 def load_retriever(directory: Path) -> Retriever:
     """Load a saved retriever from a directory written by its ``save``."""
-    meta = json.loads((directory / "retriever.json").read_text())
-    return retriever_class(meta["name"]).load(directory)  # type: ignore[attr-defined]
+    meta = read_json(Path(directory) / "retriever.json")
+    try:
+        cls = retriever_class(meta["name"])
+    except (KeyError, PalrError) as e:
+        raise RunError(f"{Path(directory) / 'retriever.json'}: damaged run file ({e})") from None
+    try:
+        return cls.load(directory)  # type: ignore[attr-defined]
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:  # a file that parsed but is wrong
+        raise RunError(f"{directory}: damaged retriever files ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 # ---------------------------------------------------------------------------- full-ranking runs

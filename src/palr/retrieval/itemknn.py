@@ -3,16 +3,16 @@ most recent items (more recent items weigh more)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from palr.retrieval.base import save_params
+from palr.runs.safety import load_safetensors, read_json
 
 
 class ItemKNN:
@@ -76,9 +76,9 @@ class ItemKNN:
 
     @classmethod
     def load(cls, directory: Path) -> ItemKNN:
-        params = json.loads((directory / "retriever.json").read_text())["params"]
+        params = read_json(directory / "retriever.json")["params"]
         model = cls(**params)
-        w = load_file(str(directory / "weights.safetensors"))
+        w = load_safetensors(directory / "weights.safetensors")
         n = len(w["pop"])
         model.sim = sp.csr_matrix((w["data"], w["indices"], w["indptr"]), shape=(n, n))
         model.pop = w["pop"]

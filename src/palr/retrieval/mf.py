@@ -9,7 +9,6 @@ bias column is added to the score.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,10 +16,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from palr.core.errors import PalrError
 from palr.retrieval.base import save_params
+from palr.runs.safety import load_safetensors, read_json
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ class _ImplicitMF:
     @classmethod
     def load(cls, directory: Path) -> _ImplicitMF:
         directory = Path(directory)
-        model = cls(**json.loads((directory / "retriever.json").read_text())["params"])
-        w = load_file(str(directory / "weights.safetensors"))
+        model = cls(**read_json(directory / "retriever.json")["params"])
+        w = load_safetensors(directory / "weights.safetensors")
         model.items, model.bias = w["items"], w["bias"]
         return model
 

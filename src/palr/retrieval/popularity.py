@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from palr.retrieval.base import save_params
+from palr.runs.safety import load_safetensors
 
 
 class Popularity:
@@ -38,5 +39,5 @@ class Popularity:
     @classmethod
     def load(cls, directory: Path) -> Popularity:
         model = cls()
-        model.counts = load_file(str(directory / "weights.safetensors"))["counts"]
+        model.counts = load_safetensors(directory / "weights.safetensors")["counts"]
         return model

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from palr.core.console import progress_enabled
-from palr.core.errors import PalrError
+from palr.core.errors import PalrError, RunError
 from palr.retrieval.base import save_params
+from palr.runs.safety import load_safetensors, read_json, safetensors_metadata
 
 log = logging.getLogger(__name__)
 
@@ -404,17 +405,19 @@ class SASRec:
 
     @classmethod
     def load(cls, directory: Path) -> SASRec:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         directory = Path(directory)
-        model = cls(**json.loads((directory / "retriever.json").read_text())["params"])
-        path = str(directory / "weights.safetensors")
-        with safe_open(path, "pt") as fh:
-            model.n_items = int(fh.metadata()["n_items"])
+        model = cls(**read_json(directory / "retriever.json")["params"])
+        path = directory / "weights.safetensors"
+        meta = safetensors_metadata(path)
+        if not str(meta.get("n_items", "")).isdigit():
+            raise RunError(f"{path} is damaged: no n_items in its metadata")
+        model.n_items = int(meta["n_items"])
         model.net = model._build()
-        model.net.load_state_dict(load_file(path))
+        try:
+            model.net.load_state_dict(load_safetensors(path, "torch"))
+        except RuntimeError as e:  # missing or misshapen tensors
+            raise RunError(f"{path} does not match {directory / 'retriever.json'}: {str(e).splitlines()[0][:200]}") from None
         model.net.eval()
         hist = directory / "history.json"
-        model.history = json.loads(hist.read_text()) if hist.exists() else []
+        model.history = read_json(hist, list) if hist.exists() else []
         return model

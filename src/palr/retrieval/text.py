@@ -9,18 +9,18 @@ Needs the optional extra: ``pip install 'palr[text]'``.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from palr.core.errors import PalrError
 from palr.data.dataset import Catalog
 from palr.retrieval.base import save_params
+from palr.runs.safety import load_safetensors, read_json
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class TextRetriever:
     @classmethod
     def load(cls, directory: Path) -> TextRetriever:
         directory = Path(directory)
-        model = cls(**json.loads((directory / "retriever.json").read_text())["params"])
-        w = load_file(str(directory / "weights.safetensors"))
+        model = cls(**read_json(directory / "retriever.json")["params"])
+        w = load_safetensors(directory / "weights.safetensors")
         model.emb, model.pop = w["emb"], w["pop"]
         return model

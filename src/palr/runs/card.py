@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from palr.core.io import write_atomic
+from palr.runs.safety import read_json
 
 SKIP_METRICS = ("users",)
 
@@ -49,9 +50,9 @@ def _comparison_line(metric: str, c: dict[str, Any]) -> str:
 def model_card(run: str | Path) -> str:
     """The card's markdown for a complete run directory."""
     run = Path(run)
-    cfg = json.loads((run / "config.json").read_text())
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
-    test = json.loads((run / "test_results.json").read_text()) if (run / "test_results.json").exists() else None
+    cfg = read_json(run / "config.json")
+    metrics = read_json(run / "metrics.json") if (run / "metrics.json").exists() else {}
+    test = read_json(run / "test_results.json") if (run / "test_results.json").exists() else None
     kind, ds, conf = cfg["kind"], cfg["dataset"], cfg["config"]
     if kind == "palr":
         ft = conf.get("finetune", {})

@@ -21,7 +21,7 @@ from typing import Any, Self
 
 from palr.core.errors import InputError, RunError
 
-__all__ = ["LOCK_FILE", "RunLock", "check_outputs", "inside_run", "keys_of", "load_safetensors", "lock_run",
+__all__ = ["LOCK_FILE", "RunLock", "check_outputs", "inside_run", "keys_of", "load_npz", "load_safetensors", "lock_run",
            "read_json", "read_text", "release_run", "safetensors_metadata"]
 
 
@@ -229,6 +229,24 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
             return dict(fh.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
         raise RunError(f"{p} is damaged: {' '.join(str(e).split())[:200]}") from None
+
+
+def load_npz(path: str | Path, keys: Iterable[str] = ()) -> dict[str, Any]:
+    """The arrays of a ``.npz`` file (no pickles); damaged or lacking ``keys`` -> :class:`RunError`."""
+    import zipfile
+
+    import numpy as np
+
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise RunError(f"{p} is damaged: {' '.join(str(e).split())[:200]}") from None
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise RunError(f"{p} is damaged: no {', '.join(missing)}")
+    return out
 
 
 def keys_of(doc: dict[str, Any], path: str | Path, *keys: str) -> None:
