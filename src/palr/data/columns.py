@@ -231,8 +231,8 @@ def read_csv_columns(path: Path, required: Sequence[str]) -> CsvColumns:
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
                                                  include_columns=list(required), strings_can_be_null=False))
     except pa.ArrowInvalid as e:
-        line, _, _ = first_bad_csv_row(data, len(header))
-        raise DataError(path, line, f"bad CSV: {e}") from None
+        line, message, _ = first_bad_csv_row(data, len(header))
+        raise DataError(path, line, message if line is not None else f"bad CSV: {e}") from None
     out = CsvColumns(path, {c: table.column(c) for c in required}, data)
     if invalid:
         line, message, before = first_bad_csv_row(data, len(header))
@@ -241,25 +241,38 @@ def read_csv_columns(path: Path, required: Sequence[str]) -> CsvColumns:
 
 
 def _csv_rows(data: bytes) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) of each data row, blank rows skipped, as Python's csv module reads them."""
-    with io.StringIO(data.decode("utf-8").removeprefix("\ufeff"), newline="") as fh:
-        reader = csv.reader(fh)
-        next(reader, None)
-        for row in reader:
-            if row:
-                yield reader.line_num, row
+    """(line where the row starts, fields) of each data row, blank rows skipped, as Python's csv module reads
+    them (strict: an unterminated quote is an error, not a field swallowing the rest of the file). A
+    :class:`csv.Error` carries the line its row starts on as ``e.line``."""
+    with io.StringIO(data.decode("utf-8", errors="replace").removeprefix("\ufeff"), newline="") as fh:
+        reader = csv.reader(fh, strict=True)
+        start = 1
+        try:
+            next(reader, None)
+            start = reader.line_num + 1
+            for row in reader:
+                no, start = start, reader.line_num + 1
+                if row:
+                    yield no, row
+        except csv.Error as e:
+            e.line = start  # type: ignore[attr-defined]
+            raise
 
 
 def first_bad_csv_row(data: bytes, n_fields: int) -> tuple[int | None, str, int]:
-    """(line, message, good rows before it) of the first row without ``n_fields`` fields."""
+    """(line, message, good rows before it) of the first row without ``n_fields`` fields, with an unterminated
+    quote or a field over the size limit (the line where that row starts)."""
     before = 0
     try:
         for line, row in _csv_rows(data):
             if len(row) != n_fields:
-                return line, f"wrong number of fields (header has {n_fields})", before
+                return line, f"wrong number of fields: {len(row)} (header has {n_fields})" + (
+                    " - an unterminated quote?" if any("\n" in f for f in row) else ""), before
             before += 1
     except csv.Error as e:
-        return None, f"bad CSV: {e}", before
+        why = ("unterminated quote: the field runs to the end of the file" if "unexpected end of data" in str(e)
+               else f"bad CSV: {e}")
+        return getattr(e, "line", None), why, before
     return None, "malformed CSV", before
 
 
@@ -344,6 +357,23 @@ def time_check(column: Any, what: str) -> tuple[np.ndarray, Check]:
         values[nan] = iso_seconds(column.take(nan).to_numpy(zero_copy_only=False))
 
     def message(r: int) -> str:
+        if np.isfinite(values[r]):
+            return f"{what} {column[r].as_py()!r} is out of range (at most {MAX_TIME:.3g} in absolute value)"
         return f"{what} is not a number (epoch seconds) or an ISO-8601 time: {column[r].as_py()!r}"
 
-    return values, (~np.isfinite(values), message)
+    return values, (~np.isfinite(values) | (np.abs(np.nan_to_num(values)) > MAX_TIME), message)
+
+
+MAX_TIME = 9.2e18  # |time| beyond int64 (nanoseconds since 1970 fit): not a time in any unit (e.g. 1e300)
+
+
+PLAUSIBLE_SECONDS = (0.0, 4102444800.0)  # 1970-01-01 .. 2100-01-01 as epoch seconds
+
+
+def implausible_times(times: np.ndarray) -> tuple[int, int, int | None]:
+    """(negative, after 2100 as epoch seconds, first such row) of valid times: a warning, not an error (they still
+    order each user's interactions; milliseconds since 1970 are 'after 2100' as seconds)."""
+    lo, hi = PLAUSIBLE_SECONDS
+    neg, late = times < lo, times > hi
+    rows = np.flatnonzero(neg | late)
+    return int(neg.sum()), int(late.sum()), int(rows[0]) if len(rows) else None

@@ -226,24 +226,35 @@ def read_ml1m(root: Path) -> RawData:
 
 
 def _csv_rows(path: Path, required: list[str], encoding: str = "utf-8-sig") -> Iterator[tuple[int, dict[str, str]]]:
-    """Rows of a CSV file with their 1-based line number (of the row's last line); utf-8-sig drops a BOM."""
+    """Rows of a CSV file with the 1-based line number where each row starts; utf-8-sig drops a BOM.
+
+    A row with too few or too many fields, an unterminated quote (which would swallow the rest of the file into
+    one field) or a field over the size limit stops with the line where that row starts."""
     reader = None
+    start = 1  # the line the row being read starts on
     try:
         with open(path, encoding=encoding, newline="") as fh:
-            reader = csv.DictReader(fh)
-            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            reader = csv.reader(fh, strict=True)
+            header = next(reader, None) or []
+            missing = [c for c in required if c not in header]
             if missing:
-                raise DataError(path, 1, f"missing column(s) {missing}; header is {reader.fieldnames}")
-            for row in reader:
-                no = reader.line_num
-                if None in row or any(row.get(c) is None for c in required):
-                    raise DataError(path, no, f"wrong number of fields (header has {len(reader.fieldnames or [])})")
-                yield no, row
+                raise DataError(path, 1, f"missing column(s) {missing}; header is {header}")
+            start = reader.line_num + 1
+            for fields in reader:
+                no, start = start, reader.line_num + 1
+                if not fields:  # a blank line
+                    continue
+                if len(fields) != len(header):
+                    raise DataError(path, no, f"wrong number of fields: {len(fields)} (header has {len(header)})"
+                                    + (" - an unterminated quote?" if any("\n" in f for f in fields) else ""))
+                yield no, dict(zip(header, fields))
     except UnicodeDecodeError as e:
         after = reader.line_num if reader is not None else 0
         raise DataError(path, None, f"not valid {encoding} text after line {after} ({e.reason})") from None
     except csv.Error as e:
-        raise DataError(path, reader.line_num if reader is not None else None, f"bad CSV: {e}") from None
+        why = ("unterminated quote: the field runs to the end of the file" if "unexpected end of data" in str(e)
+               else f"bad CSV: {e}")
+        raise DataError(path, start, why) from None
 
 
 def read_ml_latest(root: Path, name: str = "ml-latest-small") -> RawData:

@@ -17,7 +17,17 @@ from typing import Any
 import numpy as np
 
 from palr.core.errors import DataError, MissingDataError
-from palr.data.columns import Check, Ids, first_error, id_check, ids_from_arrow, read_csv_columns, time_check
+from palr.data.columns import (
+    MAX_TIME,
+    Check,
+    Ids,
+    first_error,
+    id_check,
+    ids_from_arrow,
+    implausible_times,
+    read_csv_columns,
+    time_check,
+)
 from palr.data.sources import RawData, _csv_rows, _id_field, free_id
 
 log = logging.getLogger(__name__)
@@ -60,9 +70,41 @@ def _arrow_times(column: Any, col: str) -> tuple[np.ndarray, Check]:
         out, _ = time_check(pc.fill_null(pc.cast(column, pa.string()), ""), col)
 
     def message(r: int) -> str:
+        if np.isfinite(out[r]):
+            return f"row {r + 1}: {col} {column[r].as_py()!r} is out of range (at most {MAX_TIME:.3g} in absolute value)"
         return f"row {r + 1}: {col} is not a finite number or ISO-8601 time: {column[r].as_py()!r}"
 
-    return out, (~np.isfinite(out), message)
+    return out, (~np.isfinite(out) | (np.abs(np.nan_to_num(out)) > MAX_TIME), message)
+
+
+ID_TYPES = "text, integers or whole floats"
+
+
+def _typed_column(path: Path, table: Any, col: str, times: bool = False) -> Any:
+    """``table.column(col)`` when its Parquet type can hold ids (or times); else one line naming the column."""
+    import pyarrow as pa
+
+    column = table.column(col)
+    t = column.type
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    ok = (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+          or pa.types.is_floating(t) or (times and (pa.types.is_timestamp(t) or pa.types.is_date(t))))
+    if not ok:
+        want = "times (numbers, timestamps or ISO-8601 text)" if times else f"ids ({ID_TYPES})"
+        raise DataError(path, None, f"column {col!r} has type {column.type}, which cannot hold {want}")
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(t)
+    return column
+
+
+def _warn_times(path: Path, times: np.ndarray, col: str, line_of: Any) -> None:
+    """Warn (with the count and the first line) about negative times and times after 2100 as epoch seconds."""
+    neg, late, first = implausible_times(times)
+    if first is not None:
+        log.warning("%s: %d negative and %d after-2100 %s value(s) as epoch seconds (first on line %s: %r); they "
+                    "only order each user's interactions: check the unit (seconds, or ISO-8601)", path, neg, late, col,
+                    line_of(first), float(times[first]))
 
 
 def _read_parquet(path: Path, columns: list[str]) -> Any:
@@ -97,15 +139,17 @@ def read_user_file(path: Path, user_col: str, item_col: str, time_col: str | Non
     times: np.ndarray | None = None
     if _is_parquet(path):
         table = _read_parquet(path, required)
-        users, cu = _arrow_ids(table.column(user_col), user_col)
-        items, ci = _arrow_ids(table.column(item_col), item_col)
+        users, cu = _arrow_ids(_typed_column(path, table, user_col), user_col)
+        items, ci = _arrow_ids(_typed_column(path, table, item_col), item_col)
         checks = [cu, ci]
         if time_col:
-            times, ct = _arrow_times(table.column(time_col), time_col)
+            times, ct = _arrow_times(_typed_column(path, table, time_col, times=True), time_col)
             checks.append(ct)
         err = first_error(path, lambda r: r + 1, checks)
         if err is not None:
             raise err
+        if times is not None and time_col:
+            _warn_times(path, times, time_col, lambda r: f"row {r + 1}")
     else:
         csv_table = read_csv_columns(path, required)
         users, cu = id_check(csv_table.columns[user_col], free_id, user_col)
@@ -115,6 +159,8 @@ def read_user_file(path: Path, user_col: str, item_col: str, time_col: str | Non
             times, ct = time_check(csv_table.columns[time_col], time_col)
             checks.append(ct)
         csv_table.raise_first(checks)
+        if times is not None and time_col:
+            _warn_times(path, times, time_col, csv_table.line_of)
     titles: dict[str, str] = {}
     attrs: dict[str, dict[str, Any]] = {}
     if items_file is not None:
@@ -131,7 +177,7 @@ def _item_rows(items_file: Path, item_col: str) -> tuple[str, Iterator[tuple[int
         if not cols:
             raise DataError(items_file, None, "no columns")
         id_col = item_col if item_col in cols else cols[0]
-        id_column, check = _arrow_ids(table.column(id_col), id_col)
+        id_column, check = _arrow_ids(_typed_column(items_file, table, id_col), id_col)
         err = first_error(items_file, lambda r: r + 1, [check])
         if err is not None:
             raise err
