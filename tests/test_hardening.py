@@ -395,3 +395,98 @@ def test_damaged_loaders_raise_run_errors(retriever_run: Path, tmp_path: Path) -
     (tmp_path / "z.npz").write_bytes(b"PK\x03\x04broken")
     with pytest.raises(RunError, match="z.npz is damaged"):
         load_npz(tmp_path / "z.npz")
+
+
+# ---------------------------------------------------------------------------- 5. items and user files
+def interactions(tmp_path: Path, n_users: int = 20, n_items: int = 30) -> Path:
+    lines = ["user,item,timestamp"] + [f"u{u},i{(u * 7 + k) % n_items},{1_000_000 + u * 100 + k}"
+                                       for u in range(n_users) for k in range(6)]
+    (tmp_path / "inter.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path / "inter.csv"
+
+
+def items_lines(n: int = 30) -> list[str]:
+    return ["item,title,genres"] + [f"i{k},Title {k},Drama|Comedy" for k in range(n)]
+
+
+def read_with_items(tmp_path: Path, lines: list[str], name: str = "items.csv"):
+    from palr.data.userfiles import read_user_file
+
+    (tmp_path / name).write_text("\n".join(lines) + "\n")
+    return read_user_file(interactions(tmp_path), "user", "item", "timestamp", tmp_path / name)
+
+
+def test_an_unterminated_quote_stops_at_its_line(tmp_path: Path) -> None:
+    from palr.core.errors import DataError
+
+    lines = items_lines()
+    lines[12] = 'i11,"unterminated,Drama'  # line 13
+    with pytest.raises(DataError, match=r"items\.csv:13: unterminated quote"):
+        read_with_items(tmp_path, lines)
+    (tmp_path / "items.csv").write_text("\n".join(lines) + "\n")
+    one_line_error(palr_cli("data", "stats", "--dataset", f"csv:{tmp_path / 'inter.csv'}", "--items-file",
+                            str(tmp_path / "items.csv")), "items.csv:13")
+
+
+@pytest.mark.parametrize(("line", "text", "needle"), [
+    (6, "i4,Title 4", r"items\.csv:6: wrong number of fields: 2"),
+    (8, "i6,Title 6,Drama,extra", r"items\.csv:8: wrong number of fields: 4"),
+])
+def test_short_and_long_item_rows_stop_with_their_line(tmp_path: Path, line: int, text: str, needle: str) -> None:
+    from palr.core.errors import DataError
+
+    lines = items_lines()
+    lines[line - 1] = text
+    with pytest.raises(DataError, match=needle):
+        read_with_items(tmp_path, lines)
+
+
+def test_a_huge_field_reports_the_line_its_row_starts_on(tmp_path: Path) -> None:
+    from palr.core.errors import DataError
+    from palr.data.userfiles import read_user_file
+
+    lines = items_lines()
+    lines[2] = 'i1,"two\nlines",Drama'  # a quoted newline before it: lines 3-4
+    lines[9] = f'i8,"{"x" * (2 * 1024 * 1024)}",Drama'  # file line 11
+    with pytest.raises(DataError, match=r"items\.csv:11: bad CSV: field larger"):
+        read_with_items(tmp_path, lines)
+    inter = interactions(tmp_path).read_text().split("\n")
+    inter[9] = f'u1,"{"y" * (50 * 1024 * 1024)}",100'  # line 10 of the interactions
+    (tmp_path / "big.csv").write_text("\n".join(inter))
+    with pytest.raises(DataError, match=r"big\.csv:10: "):
+        read_user_file(tmp_path / "big.csv", "user", "item", "timestamp")
+
+
+def test_a_wrong_parquet_column_type_names_the_column(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from palr.core.errors import DataError
+    from palr.data.userfiles import read_user_file
+
+    n = 60
+    pq.write_table(pa.table({"user": [f"u{i % 10}" for i in range(n)], "item": [[i % 7] for i in range(n)],
+                             "timestamp": list(range(n))}), tmp_path / "x.parquet")
+    with pytest.raises(DataError, match=r"x\.parquet: column 'item' has type list"):
+        read_user_file(tmp_path / "x.parquet", "user", "item", "timestamp")
+    pq.write_table(pa.table({"user": [f"u{i % 10}" for i in range(n)], "item": [f"i{i % 7}" for i in range(n)],
+                             "timestamp": [{"a": i} for i in range(n)]}), tmp_path / "y.parquet")
+    with pytest.raises(DataError, match="column 'timestamp' has type struct"):
+        read_user_file(tmp_path / "y.parquet", "user", "item", "timestamp")
+
+
+def test_out_of_range_times_stop_and_implausible_ones_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from palr.core.errors import DataError
+    from palr.data.userfiles import read_user_file
+
+    lines = interactions(tmp_path).read_text().split("\n")
+    bad = list(lines)
+    bad[4] = "u0,i1,1e300"
+    (tmp_path / "huge.csv").write_text("\n".join(bad))
+    with pytest.raises(DataError, match=r"huge\.csv:5: timestamp '1e300' is out of range"):
+        read_user_file(tmp_path / "huge.csv", "user", "item", "timestamp")
+    odd = list(lines)
+    odd[3], odd[6], odd[7] = "u0,i1,-5", "u1,i2,99999999999999", "u1,i3,99999999999999"
+    (tmp_path / "odd.csv").write_text("\n".join(odd))
+    with caplog.at_level("WARNING"):
+        read_user_file(tmp_path / "odd.csv", "user", "item", "timestamp")
+    assert "1 negative and 2 after-2100 timestamp value(s)" in caplog.text and "line 4" in caplog.text
