@@ -352,13 +352,13 @@ def _cut_at_stop(text: str, stop: list[str] | None) -> str:
     return text[:min(cuts)] if cuts else text
 
 
-def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
+def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, offline: bool = False) -> Path:
     """Merge a LoRA adapter into its base model and save a standalone model directory (weights + tokenizer) at
     ``out``, for servers that take a plain model (vLLM, ``palr model serve``). Written to a sibling, then renamed."""
     import os
     import shutil
 
-    llm = HFLLM(base, adapter=adapter, device="cpu", dtype="float32")
+    llm = HFLLM(base, adapter=adapter, device="cpu", dtype="float32", offline=offline)
     merged = llm.model.merge_and_unload()
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")

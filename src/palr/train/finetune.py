@@ -19,6 +19,7 @@ from palr.core.options import flat
 from palr.core.settings import FinetuneCommand
 from palr.llm.hf import HFLLM, merge_adapter
 from palr.llm.protocol import single_token_labels
+from palr.llm.trust import run_model_spec
 from palr.rank.features import CandidateFeatures
 from palr.rank.fusion import held_out_table
 from palr.rank.llm_ranker import PromptBuilder, Ranker, RankingConfig
@@ -27,6 +28,7 @@ from palr.rank.stacked import fit_stacked, stacked_lists, users_with_seen_valid_
 from palr.rank.trees import FeatureRankerConfig, fit_feature_ranker, split_users
 from palr.retrieval.candidates import CandidateSources, candidates_for, parse_sources
 from palr.retrieval.load import load_run
+from palr.runs.safety import read_json
 from palr.runs.snapshot import link_snapshot
 from palr.runs.store import begin_run, build_dir_atomic, copy_tree_atomic, finish_run, read_run, tree_digest
 from palr.train.examples import (
@@ -397,7 +399,7 @@ def _last_checkpoint(ckpt: Path) -> Path | None:
 
 
 def read_ranking(run: str | Path) -> dict[str, Any]:
-    return json.loads((Path(run) / "ranking.json").read_text())  # typed: palr.ranking.RankingConfig.read
+    return read_json(Path(run) / "ranking.json")  # typed: palr.ranking.RankingConfig.read
 
 
 def export_model(run: str | Path, out: str | Path) -> Path:
@@ -406,9 +408,11 @@ def export_model(run: str | Path, out: str | Path) -> Path:
 
     cfg = read_run(run, "palr")
     ranking = read_ranking(run)
+    spec, options = run_model_spec(run, str(ranking.get("base_model") or cfg["config"].get("finetune", {}).get(
+        "base_model", "")), str(ranking.get("llm_dir", "")), bool(ranking.get("lora")))  # inside the run, no download
     if ranking.get("lora"):
-        return merge_adapter(cfg["config"]["finetune"]["base_model"], Path(run) / ranking["llm_dir"], out)
-    copy_tree_atomic(Path(run) / ranking["llm_dir"], Path(out))
+        return merge_adapter(spec.removeprefix("hf:"), options["adapter"], out, offline=bool(options.get("offline")))
+    copy_tree_atomic(Path(spec.split(":", 1)[1]), Path(out))
     return Path(out)
 
 
