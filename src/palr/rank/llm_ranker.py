@@ -92,7 +92,16 @@ class RankingConfig:
     def from_dict(cls, d: dict[str, Any]) -> RankingConfig:
         """Known keys only (a ranking.json may carry more, e.g. selection tables)."""
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        values = {k: v for k, v in d.items() if k in known}
+        for k, v in values.items():  # a run file is data: its values are checked, not trusted
+            want = type(cls.__dataclass_fields__[k].default)
+            ok = isinstance(v, want) and not (want is not bool and isinstance(v, bool)) or (
+                want is float and isinstance(v, int) and not isinstance(v, bool))
+            if not ok:
+                raise RunError(f"ranking.json: {k} must be {want.__name__}, not {type(v).__name__} ({str(v)[:40]!r})")
+        if not isinstance(d.get("features") or {}, dict) or not isinstance(d.get("ranker_dir", ""), str):
+            raise RunError("ranking.json: damaged 'features' or 'ranker_dir' entry")
+        return cls(**values)
 
     @classmethod
     def read(cls, run: str | Path) -> RankingConfig:
