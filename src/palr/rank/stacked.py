@@ -39,9 +39,11 @@ from palr.rank.trees import (
     feature_lists,
     fit_trees,
     labelled,
+    load_booster,
     require_lightgbm,
 )
 from palr.retrieval.candidates import CandidateSources
+from palr.runs.safety import read_json
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +164,13 @@ class StackedRanker:
     @classmethod
     def load(cls, directory: Path, llm_ranker: Any = None, sources: CandidateSources | None = None,
              ) -> StackedRanker:
-        lgb = require_lightgbm()
+        require_lightgbm()
         directory = Path(directory)
-        meta = json.loads((directory / "stacked.json").read_text())
-        booster = lgb.Booster(model_str=(directory / "trees.txt").read_text())
-        twin = (lgb.Booster(model_str=(directory / "trees_without_llm.txt").read_text())
+        meta = read_json(directory / "stacked.json")
+        booster = load_booster(directory / "trees.txt")
+        twin = (load_booster(directory / "trees_without_llm.txt")
                 if (directory / "trees_without_llm.txt").is_file() else None)
-        if not meta["llm_features"]:
+        if not meta.get("llm_features", False):
             llm_ranker = None
         elif llm_ranker is None:
             raise PalrError(f"{directory}: this ranker reads the LLM's scores; load it with the run's LLM")

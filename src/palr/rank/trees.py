@@ -145,15 +145,10 @@ class FeatureRanker:
 
     @classmethod
     def load(cls, directory: Path) -> FeatureRanker:
-        lgb = require_lightgbm()
+        require_lightgbm()
         directory = Path(directory)
         path = directory / "trees.txt"
-        text = read_text(path)
-        check_model_text(text, path)  # LightGBM aborts the process on a damaged model: never hand it one
-        try:
-            booster = lgb.Booster(model_str=text)
-        except lgb.basic.LightGBMError as e:
-            raise RunError(f"{path}: damaged LightGBM model ({' '.join(str(e).split())[:200]})") from None
+        booster = load_booster(path)
         try:
             features = CandidateFeatures.load(directory / "features")
         except (KeyError, ValueError, TypeError, IndexError) as e:  # parsed, but not what was written
@@ -166,6 +161,18 @@ class FeatureRanker:
 
 
 # ---------------------------------------------------------------------------- a model file checked before LightGBM
+def load_booster(path: Path) -> Any:
+    """A LightGBM booster from a run's text model, checked first (:func:`check_model_text`): a damaged file is
+    one line naming it, never an aborted process."""
+    lgb = require_lightgbm()
+    text = read_text(path)
+    check_model_text(text, path)  # LightGBM aborts the process on a damaged model: never hand it one
+    try:
+        return lgb.Booster(model_str=text)
+    except lgb.basic.LightGBMError as e:
+        raise RunError(f"{path}: damaged LightGBM model ({' '.join(str(e).split())[:200]})") from None
+
+
 def check_model_text(text: str, path: str | Path = "trees.txt") -> None:
     """Refuse a LightGBM text model that is truncated or damaged, before LightGBM parses it.
 

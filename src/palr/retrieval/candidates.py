@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from palr.core import distributed
-from palr.core.errors import ConfigError
+from palr.core.errors import ConfigError, RunError
 from palr.core.topk import top_k
 from palr.data import Split
 from palr.data.dataset import Stage
 from palr.retrieval.base import Retriever, load_retriever, make_retriever, score_batches
 from palr.retrieval.text import text_model_available
+from palr.runs.safety import inside_run, read_json
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,10 @@ class CandidateSources:
     @classmethod
     def load(cls, directory: Path, primary: Retriever) -> CandidateSources:
         directory = Path(directory)
-        meta = json.loads((directory / "sources.json").read_text())
-        extra = [(str(n), load_retriever(directory / str(n)), int(c)) for n, c in meta["extra"]]
-        return cls(str(meta["primary"]), primary, int(meta["size"]), extra)
+        meta = read_json(directory / "sources.json")
+        try:
+            extra = [(str(n), load_retriever(inside_run(directory, str(n), "a candidate source")), int(c))
+                     for n, c in meta["extra"]]
+            return cls(str(meta["primary"]), primary, int(meta["size"]), extra)
+        except (KeyError, ValueError, TypeError) as e:
+            raise RunError(f"{directory / 'sources.json'}: damaged run file ({type(e).__name__}: {e})") from None
