@@ -422,9 +422,25 @@ def _print_error(message: str) -> None:
     sys.stderr.flush()
 
 
+def _exit_error(code: int, real_process: bool) -> None:
+    """Exit with ``code`` after an error line. In a real ``palr`` process (no ``argv`` given) the interpreter's
+    teardown is skipped once the streams are flushed: native thread pools (pyarrow's, seen) torn down right after
+    an early error could abort the process (``terminate called...``, exit 134) after the one-line message."""
+    if real_process:
+        import logging
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     from palr.core.console import debug_enabled
 
+    real = argv is None
     try:
         code = app(args=argv, standalone_mode=False)
     except (PalrError, KeyError, typer.TyperException) as e:  # TyperException: bad flags (click's usage errors)
@@ -435,9 +451,9 @@ def main(argv: list[str] | None = None) -> None:
             ctx = getattr(e, "ctx", None)
             hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
             _print_error(msg + hint)
-            sys.exit(getattr(e, "exit_code", 2) or 2)
+            _exit_error(getattr(e, "exit_code", 2) or 2, real)
         _print_error(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
-        sys.exit(2)
+        _exit_error(2, real)
     except typer.Abort:
         _print_error("aborted")
         sys.exit(1)
@@ -445,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug_enabled() or type(e).__name__ not in _DAMAGED_FILE_ERRORS:
             raise
         _print_error(f"a damaged file: {type(e).__name__}: {str(e)[:300]} (rerun with --debug for where)")
-        sys.exit(2)
+        _exit_error(2, real)
     sys.exit(code if isinstance(code, int) else 0)
 
 
