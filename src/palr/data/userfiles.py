@@ -99,9 +99,10 @@ def _typed_column(path: Path, table: Any, col: str, times: bool = False) -> Any:
 
 
 def _warn_times(path: Path, times: np.ndarray, col: str, line_of: Any) -> None:
-    """Warn (with the count and the first line) about negative times and times after 2100 as epoch seconds."""
+    """Warn (with the count and the first line) about negative times and times after 2100 as epoch seconds among
+    plausible ones (a few damaged rows); a file whose times are all outside is in another unit and ordered alike."""
     neg, late, first = implausible_times(times)
-    if first is not None:
+    if first is not None and neg + late < len(times):  # all of them: a consistent unit (ms, synthetic), no note
         log.warning("%s: %d negative and %d after-2100 %s value(s) as epoch seconds (first on line %s: %r); they "
                     "only order each user's interactions: check the unit (seconds, or ISO-8601)", path, neg, late, col,
                     line_of(first), float(times[first]))
