@@ -95,12 +95,15 @@ class RankingConfig:
         values = {k: v for k, v in d.items() if k in known}
         for k, v in values.items():  # a run file is data: its values are checked, not trusted
             want = type(cls.__dataclass_fields__[k].default)
+            if want not in (bool, int, float, str):
+                continue
             ok = isinstance(v, want) and not (want is not bool and isinstance(v, bool)) or (
                 want is float and isinstance(v, int) and not isinstance(v, bool))
             if not ok:
                 raise RunError(f"ranking.json: {k} must be {want.__name__}, not {type(v).__name__} ({str(v)[:40]!r})")
-        if not isinstance(d.get("features") or {}, dict) or not isinstance(d.get("ranker_dir", ""), str):
-            raise RunError("ranking.json: damaged 'features' or 'ranker_dir' entry")
+        if not all(isinstance(d.get(k) or {}, dict) for k in ("features", "stacked", "candidates")) or not isinstance(
+                d.get("ranker_dir", ""), str):
+            raise RunError("ranking.json: damaged 'features', 'stacked', 'candidates' or 'ranker_dir' entry")
         return cls(**values)
 
     @classmethod
