@@ -188,3 +188,22 @@ def test_demo_trains_its_retriever_with_palr_train_settings(tmp_path: Path, monk
     assert full == dataclasses.replace(train_cfg, out=tmp_path / "demo" / "retriever")  # the same settings
     assert full.retriever == "sasrec" and full.params == {}  # SASRec's own (data-filled) defaults
     assert quick == dataclasses.replace(full, params=QUICK_RETRIEVER) and QUICK_RETRIEVER["epochs"] < 50
+
+
+def test_demo_console_names_what_ranked(tiny_ml100k_run: dict[str, Path], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's table has a "ranked by" column and a "PALR ranked by" line (the tiny runs stand in for training)."""
+    import json
+
+    import palr.train.finetune
+    import palr.train.retriever
+    from palr.cli.demo import run_demo
+
+    monkeypatch.setattr(palr.train.retriever, "train_run", lambda cfg, progress=True: tiny_ml100k_run["retriever"])
+    monkeypatch.setattr(palr.train.finetune, "finetune", lambda *a, **k: tiny_ml100k_run["palr"])
+    con = Console(record=True, width=200)
+    run_demo("ml-100k", tmp_path / "demo", data_dir=tiny_ml100k_run["data_dir"], users=1, console=con)
+    text = con.export_text()
+    doc = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert "ranked by" in text
+    assert f"PALR ranked by: {doc['protocol']['ranked_by']}" in text

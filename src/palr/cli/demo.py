@@ -76,8 +76,9 @@ def run_demo(dataset: str = "ml-100k", out: str | Path = "runs/demo", *, quick: 
     con.print("5/5 evaluation on the test split (full ranking; a retrieval miss counts as a miss)")
     doc = evaluate_palr_run(prun, out=out / "results.json", predictions=out / "predictions.jsonl",
                             retriever_predictions=out / "retriever_predictions.jsonl")
-    con.print(results_table(doc["results"], "test"))
+    con.print(results_table(doc["results"], "test", labels=doc.get("ranked_by")))
     con.print(comparisons_table(doc["comparisons"], "test"))
+    con.print(f"PALR ranked by: {doc['protocol']['ranked_by']}", highlight=False, markup=False)
     t = doc["timings"]
     con.print(f"ranking: median {t['ranking_ms_per_user_median']:.1f} ms per user for "
               f"{doc['protocol']['candidates']} candidates (one forward pass); fusion weight "

@@ -235,7 +235,7 @@ def evaluate_palr(palr: PALR, stage: str = "test", ks: Sequence[int] = DEFAULT_K
         candidate_recall[f"merged@{K}"] = float(hit.mean())
         candidate_recall["sources"] = palr.sources.counts
     if with_llm:
-        ranked_by["LLM alone (end to end)"] = f"{LLM} alone (weight 0)"
+        ranked_by["LLM alone (end to end)"] = f"{LLM} alone (no retriever prior)"
     return {"results": results, "ranked_by": ranked_by, "consulted": list(ranker.components),
             "candidate_recall": candidate_recall,
             "llm_order": g.get("llm_order"),
