@@ -1,11 +1,6 @@
-"""How a command's dataclass (``palr.config``) becomes its flags, its ``--config FILE`` keys and its saved copy.
-
-A dataclass field is one option. Its flat name (the field name; nested dataclasses are flattened, their
-fields keep their own names, with the parent's ``prefix``) is the Python parameter, the config-file key and,
-with ``-`` for ``_``, the flag. Values come, in order of precedence, from the flags the user typed, then the
-config file, then the field default. Every conversion error is a :class:`ConfigError` naming the option and
-what it expected; an unknown config key names the valid ones.
-"""
+"""A command's settings dataclass (:mod:`palr.core.settings`) as typer flags: one option per field, ``--config
+FILE``, then the settings built by :func:`palr.core.options.build` and checked (``--param`` by the retriever's
+types) before the command's body runs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `palr` command line: each command's flags come from its dataclass in :mod:`palr.config`.
+"""The `palr` command line: each command's flags come from its dataclass in :mod:`palr.core.settings`.
 
 A command body gets the built config and makes one library call. Errors (PalrError, bad flags, bad config
 values) are one line on stderr and exit code 2; a traceback only with ``--debug`` or ``PALR_DEBUG=1``.

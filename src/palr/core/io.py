@@ -1,12 +1,8 @@
-"""Run directories: config.json (everything needed to reproduce), weights, metrics, a training log.
-
-A run is complete only when ``run.json`` exists: it is written last, atomically, so an interrupted
-job never leaves a directory that looks complete. Loading checks the data set fingerprint and the
-run format version and refuses a mismatch with a clear message.
-"""
+"""Atomic files: write to a temporary sibling, then rename (never a half-written file); JSON of numpy values."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -32,10 +28,11 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """numpy scalars and arrays, paths: as JSON keeps them (``json.dumps(..., default=json_default)``)."""
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):
@@ -45,3 +42,12 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

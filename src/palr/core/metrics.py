@@ -1,7 +1,7 @@
 """Pure metric functions on 1-based ranks (one relevant item per user): per user and averaged.
 
 A rank is the target's 1-based position in the model's full ranking (history excluded, ties broken as
-:mod:`palr.evaluation.ranking` says). Every average below is the mean of :func:`per_user_metrics`, so the
+:mod:`palr.core.topk` says). Every average below is the mean of :func:`per_user_metrics`, so the
 figures in results.json and the per-user files are one definition.
 """
 

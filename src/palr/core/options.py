@@ -1,4 +1,5 @@
-"""How a command's dataclass (``palr.config``) becomes its flags, its ``--config FILE`` keys and its saved copy.
+"""How a command's dataclass (:mod:`palr.core.settings`) becomes its ``--config FILE`` keys, its checked values and
+its saved copy (the flags themselves: :mod:`palr.cli.flags`).
 
 A dataclass field is one option. Its flat name (the field name; nested dataclasses are flattened, their
 fields keep their own names, with the parent's ``prefix``) is the Python parameter, the config-file key and,

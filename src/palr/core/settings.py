@@ -10,7 +10,7 @@ the type check (a wrong type or unknown key is one line naming the valid ones, e
 as ``args.json`` in the run directory (which ``--config`` reads back). Check values in ``__post_init__`` by
 raising :class:`ConfigError`. A nested dataclass (``DataSpec``, ``ExampleConfig``, ``MiniConfig``) is
 flattened into the command's flags, its fields' names prefixed with ``opt(prefix=...)`` when given. The
-mechanism is in :mod:`palr.options`; the commands are wired in :mod:`palr.cli`.
+mechanism is in :mod:`palr.core.options` and :mod:`palr.cli.flags`; the commands are wired in :mod:`palr.cli.main`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Literal
 from palr.core.errors import ConfigError, InputError
 from palr.core.options import opt
 
-TASKS = ("recommend", "recommend_retrieval", "verbalizer")  # fine-tuning tasks (palr.finetune.data)
+TASKS = ("recommend", "recommend_retrieval", "verbalizer")  # fine-tuning tasks (palr.train.examples)
 LLM_HELP = ("Rank with this LLM: hf:PATH_OR_ID, openai:MODEL@URL, mini:DIR. With a retriever run: zero-shot "
             "ranking of its candidates.")
 TRUST_HELP = ("Use the remote LLM endpoint the run's ranking.json names (sent without credentials); by default a "

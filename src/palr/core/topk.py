@@ -1,4 +1,5 @@
-"""Full ranking over the catalogue with the user's history excluded: ranks, top-k lists, results tables."""
+"""Exact top-k over the catalogue with the user's history excluded, equal scores in a seeded order
+(:func:`tie_keys`), and the 1-based rank of a target in that same order."""
 
 from __future__ import annotations
 

@@ -7,7 +7,6 @@ Offline, the download fails at once with the list of files to place and where.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import zipfile
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from palr.core.errors import PalrError
+from palr.core.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,6 @@ def sources_for(name: str) -> list[Source]:
         category = "_".join(w.capitalize() for w in name[7:].replace("_", "-").split("-"))
         return amazon_sources(category)
     raise PalrError(f"no download source for {name!r}; known: {', '.join([*SOURCES, 'amazon-<category>'])}")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fetch(url: str, timeout: float) -> bytes:

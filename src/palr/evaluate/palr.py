@@ -1,8 +1,6 @@
-"""The PALR pipeline: load a run; recommend for a user or a history; evaluate end to end.
-
-``PALR.load(dir).recommend(user=..., history=..., k=10, explain=True)`` gives the profile, the ranked
-items with scores and, with ``explain``, one grounded sentence per item.
-"""
+"""A PALR run evaluated end to end on the test split: the retriever, the LLM alone, PALR as the run ranks, the
+conditional figures (target retrieved), the stacked ranker and its twin, latency and LLM failures; every row
+names what ranked it. Zero-shot runs (a retriever run + ``--llm``) choose their fusion on validation users."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Full ranking over the catalogue with the user's history excluded: ranks, top-k lists, results tables."""
+"""Full-ranking evaluation of retrievers on valid and test (sharded under torchrun), and the results table."""
 
 from __future__ import annotations
 

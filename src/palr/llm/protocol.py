@@ -1,25 +1,5 @@
-"""The LLM plug point: one protocol (generate + score_choices), label helpers, and a registry.
-
-Spec syntax accepted by :func:`load_llm` (the CLI's ``--llm`` flag):
-
-=============================  ==========================================================================
-``mini:DIR``                   the embedded default model built by ``palr model create-mini --out DIR``
-                               (Hugging Face format; loaded by the ``hf`` backend, never downloaded)
-``DIR`` (an existing path)     any local Hugging Face causal LM directory (``hf`` backend)
-``hf:ID_OR_PATH``              a local directory or a Hugging Face hub id (a hub id may download: the user
-                               named a remote model)
-``openai:MODEL@BASE_URL``      an OpenAI-compatible server, e.g. ``openai:llama3@http://localhost:11434/v1``;
-                               BASE_URL includes the ``/v1`` prefix like the OpenAI SDK's ``base_url``
-                               (``/v1`` is added when the URL has no path). ``openai:MODEL`` alone means
-                               ``https://api.openai.com/v1``. The API key comes from ``$OPENAI_API_KEY``
-                               or the ``api_key`` option. Client settings may follow the URL as a query:
-                               ``...:8000/v1?concurrency=16&batch_size=32`` (also ``timeout``,
-                               ``max_retries``, ``top_logprobs``, ``api``); they are not sent to the server.
-=============================  ==========================================================================
-
-Options (``dtype``, ``device``, ``adapter``, ``timeout``, ...) go to the backend's constructor.
-Nothing touches the network unless the spec names a hub id or a server.
-"""
+"""The LLM plug point: the protocol every backend implements (generate, score_choices) and the label helpers
+(single-token candidate labels in a tokenizer). Backends are built from specs by :mod:`palr.llm.registry`."""
 
 from __future__ import annotations
 

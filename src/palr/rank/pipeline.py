@@ -1,8 +1,7 @@
-"""The PALR pipeline: load a run; recommend for a user or a history; evaluate end to end.
-
-``PALR.load(dir).recommend(user=..., history=..., k=10, explain=True)`` gives the profile, the ranked
-items with scores and, with ``explain``, one grounded sentence per item.
-"""
+"""A run loaded for use: ``PALR.load(dir).recommend(user=..., history=..., k=10, explain=True)`` gives the profile,
+the ranked items with scores and, with ``explain``, one grounded sentence per item. Loading reads the run alone
+(its data snapshot, its models through :func:`palr.rank.factory.build_ranker`); the API and the CLI share its
+input rules (``MAX_*``)."""
 
 from __future__ import annotations
 
@@ -80,7 +79,7 @@ class PALR:
     ``PALR.load(PALR_RUN)``: the run's fine-tuned model. ``PALR.load(RETRIEVER_RUN, llm=SPEC)``: any LLM ranks that
     run's candidates zero-shot with PALR's prompts (``llm`` also replaces a PALR run's own model, e.g. the same
     model served over ``openai:``). LLM and profiler are built through their registries from the run's
-    :class:`palr.ranking.RankingConfig`.
+    :class:`palr.rank.llm_ranker.RankingConfig`.
     """
 
     def __init__(self, run: Path, config: dict[str, Any], split: Split, retriever: Any, ranker: Ranker,

@@ -1,4 +1,4 @@
-"""The feature re-ranker: gradient-boosted trees (LightGBM, lambdarank) over :mod:`palr.features`.
+"""The feature re-ranker: gradient-boosted trees (LightGBM, lambdarank) over :mod:`palr.rank.features`.
 
 Trained on **genuine candidates**: each validation user's retriever top-K for the validation target, with
 the retriever fitted on the training split only (so the validation targets were not in its training
@@ -8,7 +8,7 @@ ranker later chooses its settings. The test split is never used.
 
 ``palr finetune --run RETRIEVER_RUN --ranker features --out F`` writes a PALR run (``ranking.json``:
 ``"ranker": "features"``) that ``palr evaluate --run F`` scores like any PALR run. ``extra`` features
-(the LLM's scores: :mod:`palr.stacking`) ride on the same code.
+(the LLM's scores: :mod:`palr.rank.stacked`) ride on the same code.
 """
 
 from __future__ import annotations

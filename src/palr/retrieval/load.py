@@ -1,4 +1,4 @@
-"""Retriever runs: fit on the training split, validate, save; evaluate a saved run on test."""
+"""A saved retriever run loaded for use: its settings, the fitted retriever and the data split from its snapshot."""
 
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def model_card(run: str | Path) -> str:
               "Library versions: " + ", ".join(f"{k} {v}" for k, v in cfg.get("versions", {}).items()), "",
               "## How to load", ""]
     if kind == "palr":
-        lines += ["```python", "from palr.pipeline import PALR", "",
+        lines += ["```python", "from palr.rank.pipeline import PALR", "",
                   f'palr = PALR.load("{run}")          # the run holds its data snapshot (data/)',
                   'rec = palr.recommend(user="<user id>", k=10, explain=True)   # or history=["<item id>", ...]',
                   "```", "",

@@ -16,7 +16,6 @@ line naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from palr.core.errors import RunError
-from palr.core.io import write_json
+from palr.core.io import json_default, sha256_file, write_json
 from palr.core.settings import DataSpec
 from palr.data import load_dataset
 from palr.data.dataset import Catalog, Dataset, Split
@@ -71,14 +70,6 @@ class SnapshotManifest:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _plain(value: Any) -> Any:
     """Attributes as JSON keeps them (tuples -> lists, numpy scalars -> Python), so that the catalogue
     fingerprint of the saved data set is that of the loaded one."""
@@ -86,13 +77,10 @@ def _plain(value: Any) -> Any:
 
 
 def _default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
+    try:
+        return json_default(o)
+    except TypeError:
+        return str(o)  # any other attribute value: its text
 
 
 def save_snapshot(directory: str | Path, dataset: Dataset) -> SnapshotManifest:
@@ -115,7 +103,7 @@ def save_snapshot(directory: str | Path, dataset: Dataset) -> SnapshotManifest:
         m = SnapshotManifest(name=dataset.name, users=dataset.n_users, items=dataset.n_items,
                              interactions=int(offsets[-1]), kind=cat.kind, protocol=_plain(dataset.protocol),
                              fingerprint=fingerprint(dataset), catalog=catalog_fingerprints(dataset),
-                             files={f: _sha256(tmp / f) for f in FILES})
+                             files={f: sha256_file(tmp / f) for f in FILES})
         write_json(tmp / MANIFEST, asdict(m))
         manifest["m"] = m
 
@@ -145,7 +133,7 @@ def load_snapshot(directory: str | Path) -> Dataset:
         path = d / name
         if not path.is_file():
             raise RunError(f"data snapshot {d} is damaged: {path} is missing")
-        if _sha256(path) != m.files.get(name):
+        if sha256_file(path) != m.files.get(name):
             raise RunError(f"data snapshot {d} is damaged: {path} does not match its sha256 in {MANIFEST}")
     try:
         with np.load(d / "sequences.npz", allow_pickle=False) as z:

@@ -1,7 +1,7 @@
 """Run directories: config.json (everything needed to reproduce), weights, metrics, a training log.
 
 A run is complete only when ``run.json`` exists: it is written last, atomically, so an interrupted
-job never leaves a directory that looks complete. Loading checks the data set fingerprint and the
+job never leaves a directory that looks complete. Its data lives in the snapshot (:mod:`palr.runs.snapshot`). Loading checks the data set fingerprint and the
 run format version and refuses a mismatch with a clear message.
 """
 

@@ -15,7 +15,7 @@ examples beat ``both`` and ``valid`` (one genuine example per user is too little
 benchmarks/RESULTS.md, issue 11). Genuine candidates stay one flag away, leak-checked.
 
 * ``valid`` (genuine candidates): the validation users of the *fit share* (the held-out share,
-  :func:`palr.feature_ranker.split_users`, never trains; it picks the epoch and the fusion), history = the
+  :func:`palr.rank.trees.split_users`, never trains; it picks the epoch and the fusion), history = the
   training sequence, target = the validation item, candidates = the retriever's own top-K for that
   history -- the retriever was fitted on the training split, so the validation item was not in its
   training data, exactly as at test time. A target the retriever missed replaces its last candidate (the

@@ -399,7 +399,7 @@ def _last_checkpoint(ckpt: Path) -> Path | None:
 
 
 def read_ranking(run: str | Path) -> dict[str, Any]:
-    return read_json(Path(run) / "ranking.json")  # typed: palr.ranking.RankingConfig.read
+    return read_json(Path(run) / "ranking.json")  # typed: palr.rank.llm_ranker.RankingConfig.read
 
 
 def export_model(run: str | Path, out: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""Retriever runs: fit on the training split, validate, save; evaluate a saved run on test."""
+"""Retriever runs: fit on the training split, validate, save with the data snapshot; evaluate models and seeds."""
 
 from __future__ import annotations
 

@@ -1,15 +1,5 @@
-"""The feature re-ranker: gradient-boosted trees (LightGBM, lambdarank) over :mod:`palr.features`.
-
-Trained on **genuine candidates**: each validation user's retriever top-K for the validation target, with
-the retriever fitted on the training split only (so the validation targets were not in its training
-data, as the test targets are not). A seeded share of the validation users (``holdout``) is held out:
-the trees never train on it; it stops the boosting (best NDCG@10 there) and is where PALR's stacked
-ranker later chooses its settings. The test split is never used.
-
-``palr finetune --run RETRIEVER_RUN --ranker features --out F`` writes a PALR run (``ranking.json``:
-``"ranker": "features"``) that ``palr evaluate --run F`` scores like any PALR run. ``extra`` features
-(the LLM's scores: :mod:`palr.stacking`) ride on the same code.
-"""
+"""``palr finetune --run RETRIEVER_RUN --ranker features --out F``: a complete PALR run whose ranker is the trees of
+:mod:`palr.rank.trees` alone (same candidate sources as the PALR run, so the comparison is fair)."""
 
 from __future__ import annotations
 
