@@ -14,24 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_own_data import palr  # the real entry point in this process
 
-from palr.cli.main import main
 from palr.core.errors import PalrError, RunError
 from palr.data.synthetic import synthetic_dataset
 from palr.runs.snapshot import SNAPSHOT_DIR, has_snapshot, load_run_split, load_snapshot, save_snapshot
 from palr.runs.store import catalog_fingerprints, fingerprint
-
-
-def palr(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run the real entry point in this process; (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def no_raw_reads(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from palr.core.errors import LLMRequestFailed, LLMUnavailable
 from palr.core.metrics import ndcg
 from palr.rank.llm_ranker import LLMRanker, order_by, positional_ranks
-from palr.rank.protocol import LLM, TREES, RankResult, label, unused_reason
+from palr.rank.protocol import LLM, TREES, RankResult, label, note_failed_rows, unused_reason
 from palr.rank.trees import FeatureRanker, break_ties
 
 log = logging.getLogger(__name__)
@@ -98,12 +98,9 @@ class FusedRanker:
                 log.warning("LLM ranking failed (%s: %s); keeping the feature ranker's order", type(e).__name__, e)
                 notes.append(f"LLM failed: {type(e).__name__}: {e}: the trees' order stands (--allow-fallback)")
             failed = ~np.isfinite(lp).all(axis=1)
-            if failed.any():
+            if n_failed := note_failed_rows(failed, notes, "the trees' order"):
                 with self._lock:
-                    self._failed += int(failed.sum())
-                if not notes:
-                    notes.append(f"the LLM gave no usable scores for {int(failed.sum())} of {len(failed)} users: "
-                                 "the trees' order stands")
+                    self._failed += n_failed
         fused = fuse_with_features(trees, np.where(np.isfinite(lp), lp, 0.0), w)
         fused[failed] = break_ties(trees)[failed]
         order, ordered = order_by(fused, candidates)

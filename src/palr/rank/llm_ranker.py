@@ -41,7 +41,7 @@ from palr.llm.prompts import (  # PromptBuilder re-exported: prompts.py owns bot
 )
 from palr.llm.protocol import candidate_labels, single_token_labels
 from palr.llm.trust import run_llm_spec, run_model_spec
-from palr.rank.protocol import LLM, RankResult, label, unused_reason
+from palr.rank.protocol import LLM, RankResult, label, note_failed_rows, unused_reason
 from palr.rank.trie import CandidateTrie
 from palr.runs.safety import read_json
 
@@ -317,11 +317,9 @@ class LLMRanker:
                 why = "LLM unreachable" if isinstance(e, LLMUnavailable) else f"LLM failed: {e}"
                 notes.append(f"{why}: the retriever's order stands (--allow-fallback)")
                 lp, failed = nan, np.ones(len(candidates), dtype=bool)
-        if failed.any():
+        if n_failed := note_failed_rows(failed, notes):
             with self._lock:
-                self._failed_users += int(failed.sum())
-            if not notes:
-                notes.append(f"the LLM gave no usable scores for {int(failed.sum())} of {len(failed)} users")
+                self._failed_users += n_failed
         prior = retriever_prior(candidates.shape, scores, self.fusion)
         fused = prior if math.isinf(w) else fuse(floor_missing(lp), w, scores, self.fusion)
         fused[failed] = prior[failed]

@@ -80,6 +80,15 @@ class Ranker(Protocol):
         ...
 
 
+def note_failed_rows(failed: np.ndarray, notes: list[str], stands: str = "") -> int:
+    """The number of rows the LLM gave no usable scores for; a note saying so (and what order ``stands`` in their
+    place) is added to this call's ``notes`` unless a failure was noted already."""
+    n = int(failed.sum())
+    if n and not notes:
+        notes.append(f"the LLM gave no usable scores for {n} of {len(failed)} users" + (f": {stands} stands" if stands else ""))
+    return n
+
+
 def label(components: Sequence[str], unused_llm: str = "") -> str:
     """``"trees + LLM"``; with ``unused_llm`` (why the ranker's LLM did not count): ``"trees (LLM unused: ...)"``."""
     text = " + ".join(components)

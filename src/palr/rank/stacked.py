@@ -32,7 +32,7 @@ from palr.core.metrics import ndcg
 from palr.data.dataset import Split
 from palr.rank.features import CandidateFeatures
 from palr.rank.llm_ranker import order_by, positional_ranks
-from palr.rank.protocol import LLM, TREES, RankResult
+from palr.rank.protocol import LLM, TREES, RankResult, note_failed_rows
 from palr.rank.trees import (
     FeatureRankerConfig,
     break_ties,
@@ -138,12 +138,9 @@ class StackedRanker:
                              "stands (--allow-fallback)")
             failed = ~np.isfinite(lp).all(axis=1)
             full = break_ties(predict(self.booster, np.concatenate([X, llm_features(lp)], axis=2)))
-            if failed.any():
+            if n_failed := note_failed_rows(failed, notes, "the order of the trees without LLM features"):
                 with self._lock:
-                    self._failed += int(failed.sum())
-                if not notes:
-                    notes.append(f"the LLM gave no usable scores for {int(failed.sum())} of {len(failed)} users: "
-                                 "the order of the trees without LLM features stands")
+                    self._failed += n_failed
                 if self.twin is not None:
                     full[failed] = break_ties(predict(self.twin, X[failed]))
         order, ordered = order_by(full, candidates)
